@@ -1,0 +1,1 @@
+"""pytier: a mesh VPN node that speaks EasyTier 2.6's wire protocol."""
