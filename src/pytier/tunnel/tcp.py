@@ -1,0 +1,104 @@
+"""TCP tunnels as EasyTier frames them: each peer packet behind a u32 little-endian length."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+
+from pytier.tunnel.base import Tunnel, TunnelInfo, log
+from pytier.wire.errors import WireError
+from pytier.wire.tunnel_frame import TcpFrameDecoder, encode_tcp_frame
+
+# A peer that stops reading must not make us hold its packets without bound: past this, drop.
+MAX_WRITE_BUFFER_BYTES = 2 * 1024 * 1024
+
+
+def _fmt(addr: tuple[str, int] | tuple[str, int, int, int] | None) -> str:
+    if not addr:
+        return "?"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _TcpTunnel(Tunnel, asyncio.Protocol):
+    def __init__(self, is_client: bool, local: str = "") -> None:
+        Tunnel.__init__(self, TunnelInfo("tcp", local, "?", is_client))
+        self._decoder = TcpFrameDecoder()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.info.remote_addr = _fmt(transport.get_extra_info("peername"))
+        self.info.local_addr = _fmt(transport.get_extra_info("sockname"))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except WireError as exc:
+            # EasyTier ends the connection on a bad length; the stream cannot be resynchronised.
+            self.stats.rx_malformed += 1
+            self.close(f"bad frame: {exc}")
+            return
+        for frame in frames:
+            self.deliver(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close(f"connection lost: {exc}" if exc else "connection closed by peer")
+
+    def send(self, packet: bytes) -> None:
+        t = self._transport
+        if self.closed or t is None:
+            return
+        if t.get_write_buffer_size() > MAX_WRITE_BUFFER_BYTES:
+            self.stats.tx_errors += 1
+            return
+        try:
+            frame = encode_tcp_frame(packet)
+        except WireError:
+            self.stats.tx_errors += 1
+            return
+        t.write(frame)
+        self.stats.tx_packets += 1
+        self.stats.tx_bytes += len(packet)
+
+    def _close_transport(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class TcpListener:
+    def __init__(self, server: asyncio.Server, local_addr: str) -> None:
+        self._server = server
+        self.local_addr = local_addr
+
+    @classmethod
+    async def start(cls, host: str, port: int, on_tunnel: Callable[[Tunnel], None]) -> TcpListener:
+        loop = asyncio.get_running_loop()
+
+        def factory() -> _TcpTunnel:
+            tun = _TcpTunnel(is_client=False)
+            loop.call_soon(on_tunnel, tun)
+            return tun
+
+        server = await loop.create_server(factory, host, port, reuse_address=True)
+        sock = server.sockets[0]
+        return cls(server, _fmt(sock.getsockname()))
+
+    def close(self) -> None:
+        self._server.close()
+
+
+async def connect_tcp(host: str, port: int, timeout_s: float = 5.0) -> Tunnel:
+    loop = asyncio.get_running_loop()
+    _, proto = await asyncio.wait_for(
+        loop.create_connection(lambda: _TcpTunnel(is_client=True), host, port), timeout_s
+    )
+    log.debug("tcp tunnel up %s", proto)
+    return proto

@@ -1,0 +1,232 @@
+"""UDP tunnels as EasyTier frames them: an 8-byte header, a Syn/Sack exchange, then Data datagrams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import struct
+from collections.abc import Callable
+
+from pytier.tunnel.base import Tunnel, TunnelInfo, log
+from pytier.wire.errors import WireError
+from pytier.wire.tunnel_frame import UdpMsgType, is_stun, pack_udp, parse_udp
+
+SYN_TIMEOUT_S = 3.0
+# A lost Syn or Sack must not cost the whole 3 s on a lossy path: resend the same Syn meanwhile.
+SYN_RESEND_S = 0.4
+_UDP_HDR = struct.Struct("<IBBH")
+_DATA = int(UdpMsgType.Data)
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+def _fmt(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _tune(sock: socket.socket) -> None:
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+
+
+class _UdpTunnel(Tunnel):
+    def __init__(
+        self, info: TunnelInfo, conn_id: int, sendto: Callable[[bytes], None], on_gone: Callable[[], None]
+    ) -> None:
+        super().__init__(info)
+        self.conn_id = conn_id
+        self._prefix = _UDP_HDR.pack(conn_id, _DATA, 0, 0)[:5]
+        self._sendto = sendto
+        self._on_gone = on_gone
+
+    def send(self, packet: bytes) -> None:
+        if self.closed:
+            return
+        n = len(packet)
+        datagram = b"".join((self._prefix, b"\x00", n.to_bytes(2, "little"), packet))
+        try:
+            self._sendto(datagram)
+        except OSError:
+            self.stats.tx_errors += 1
+            return
+        self.stats.tx_packets += 1
+        self.stats.tx_bytes += n
+
+    def _close_transport(self) -> None:
+        self._on_gone()
+
+
+class UdpListener(asyncio.DatagramProtocol):
+    """One bound socket; one tunnel per remote address, as EasyTier's UDP listener keys them."""
+
+    def __init__(self, on_tunnel: Callable[[Tunnel], None]) -> None:
+        self._on_tunnel = on_tunnel
+        self._transport: asyncio.DatagramTransport | None = None
+        self._tunnels: dict[tuple[str, int], _UdpTunnel] = {}
+        self._syn_magic: dict[tuple[str, int], bytes] = {}
+        self.local_addr = ""
+        self.rx_malformed = 0
+
+    @classmethod
+    async def start(cls, host: str, port: int, on_tunnel: Callable[[Tunnel], None]) -> UdpListener:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _tune(sock)
+        sock.bind((host, port))
+        sock.setblocking(False)
+        proto = cls(on_tunnel)
+        await loop.create_datagram_endpoint(lambda: proto, sock=sock)
+        proto.local_addr = _fmt(sock.getsockname())
+        return proto
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self._transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if len(data) >= 8 and data[4] == _DATA:
+            tun = self._tunnels.get(addr)
+            conn_id, _, _, length = _UDP_HDR.unpack_from(data)
+            if tun is None or tun.conn_id != conn_id or length != len(data) - 8:
+                self.rx_malformed += 1
+                return
+            tun.deliver(data[8:])
+            return
+        try:
+            conn_id, msg_type, body = parse_udp(data)
+        except WireError:
+            if not is_stun(data):
+                self.rx_malformed += 1
+            return
+        if msg_type == UdpMsgType.Syn and len(body) == 8:
+            self._on_syn(conn_id, bytes(body), addr)
+        else:
+            self.rx_malformed += 1
+
+    def _on_syn(self, conn_id: int, magic: bytes, addr: tuple[str, int]) -> None:
+        assert self._transport is not None
+        transport = self._transport
+        old = self._tunnels.get(addr)
+        if old is not None and old.conn_id == conn_id and self._syn_magic.get(addr) == magic:
+            # A resent Syn of the same attempt: only the Sack was lost.
+            transport.sendto(pack_udp(conn_id, UdpMsgType.Sack, magic), addr)
+            return
+        if old is not None:
+            old.close("replaced by a new connection from the same address")
+        info = TunnelInfo("udp", self.local_addr, _fmt(addr), is_client=False)
+
+        def sendto(datagram: bytes) -> None:
+            transport.sendto(datagram, addr)
+
+        def gone() -> None:
+            if self._tunnels.get(addr) is tun:
+                del self._tunnels[addr]
+                self._syn_magic.pop(addr, None)
+
+        tun = _UdpTunnel(info, conn_id, sendto, gone)
+        self._tunnels[addr] = tun
+        self._syn_magic[addr] = magic
+        transport.sendto(pack_udp(conn_id, UdpMsgType.Sack, magic), addr)
+        self._on_tunnel(tun)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for one remote must not stop the socket that serves all of them.
+        log.debug("udp listener %s: %s", self.local_addr, exc)
+
+    def close(self) -> None:
+        for tun in list(self._tunnels.values()):
+            tun.close("listener closed")
+        if self._transport is not None:
+            self._transport.close()
+
+
+class _UdpClientProtocol(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.tunnel: _UdpTunnel | None = None
+        self.sack: asyncio.Future[None] | None = None
+        self.conn_id = 0
+        self.magic = b""
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        tun = self.tunnel
+        if tun is not None:
+            if len(data) >= 8 and data[4] == _DATA:
+                conn_id, _, _, length = _UDP_HDR.unpack_from(data)
+                if conn_id == tun.conn_id and length == len(data) - 8:
+                    tun.deliver(data[8:])
+                    return
+            tun.stats.rx_malformed += 1
+            return
+        try:
+            conn_id, msg_type, body = parse_udp(data)
+        except WireError:
+            return
+        if (
+            msg_type == UdpMsgType.Sack
+            and conn_id == self.conn_id
+            and bytes(body) == self.magic
+            and self.sack is not None
+            and not self.sack.done()
+        ):
+            self.sack.set_result(None)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp tunnel: %s", exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.tunnel is not None:
+            self.tunnel.close("socket closed")
+
+
+async def connect_udp(host: str, port: int) -> Tunnel:
+    """Open a UDP tunnel; raises OSError or TimeoutError when the listener does not answer."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    _tune(sock)
+    sock.setblocking(False)
+    try:
+        sock.connect(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    proto = _UdpClientProtocol()
+    transport, _ = await loop.create_datagram_endpoint(lambda: proto, sock=sock)
+    proto.conn_id = secrets.randbits(32)
+    proto.magic = os.urandom(8)
+    proto.sack = loop.create_future()
+    syn = pack_udp(proto.conn_id, UdpMsgType.Syn, proto.magic)
+    deadline = loop.time() + SYN_TIMEOUT_S
+    try:
+        while True:
+            with contextlib.suppress(OSError):
+                transport.sendto(syn)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"no answer from udp://{_fmt(sockaddr)} within {SYN_TIMEOUT_S:.0f} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(proto.sack), min(SYN_RESEND_S, left))
+                break
+    except BaseException:
+        transport.close()
+        raise
+    info = TunnelInfo("udp", _fmt(sock.getsockname()), _fmt(sockaddr), is_client=True)
+
+    def sendto(datagram: bytes) -> None:
+        transport.sendto(datagram)
+
+    tun = _UdpTunnel(info, proto.conn_id, sendto, transport.close)
+    proto.tunnel = tun
+    return tun
