@@ -24,6 +24,8 @@ TAG_LEN = 16
 NONCE_LEN = 12
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
+BytesLike = bytes | bytearray | memoryview
+
 
 class DecryptError(Exception):
     """A sealed payload failed authentication or was too short to hold its tail."""
@@ -32,17 +34,17 @@ class DecryptError(Exception):
 class Cipher(Protocol):
     overhead: int
 
-    def seal(self, plaintext: bytes) -> bytes: ...
+    def seal(self, plaintext: BytesLike) -> bytes: ...
 
-    def open(self, sealed: bytes | memoryview) -> bytes: ...
+    def open(self, sealed: BytesLike) -> bytes: ...
 
-    def nonce_of(self, sealed: bytes | memoryview) -> bytes: ...
+    def nonce_of(self, sealed: BytesLike) -> bytes: ...
 
 
 class _Aead(Protocol):
-    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+    def encrypt(self, nonce: bytes, data: BytesLike, associated_data: bytes | None) -> bytes: ...
 
-    def decrypt(self, nonce: bytes, data: bytes | memoryview, associated_data: bytes | None) -> bytes: ...
+    def decrypt(self, nonce: bytes, data: BytesLike, associated_data: bytes | None) -> bytes: ...
 
 
 class AeadCipher:
@@ -62,11 +64,11 @@ class AeadCipher:
         self._counter = itertools.count(int.from_bytes(os.urandom(8), "big"))
         self.overhead = TAG_LEN + NONCE_LEN
 
-    def seal(self, plaintext: bytes) -> bytes:
+    def seal(self, plaintext: BytesLike) -> bytes:
         nonce = self._prefix + (next(self._counter) & _MASK64).to_bytes(8, "big")
         return self._aead.encrypt(nonce, plaintext, None) + nonce
 
-    def open(self, sealed: bytes | memoryview) -> bytes:
+    def open(self, sealed: BytesLike) -> bytes:
         if len(sealed) < TAG_LEN + NONCE_LEN:
             raise DecryptError(f"sealed payload of {len(sealed)} bytes is shorter than its tail")
         view = memoryview(sealed)
@@ -75,7 +77,7 @@ class AeadCipher:
         except InvalidTag:
             raise DecryptError("authentication failed") from None
 
-    def nonce_of(self, sealed: bytes | memoryview) -> bytes:
+    def nonce_of(self, sealed: BytesLike) -> bytes:
         """The nonce in the tail, or b"" if the payload is too short to have one."""
         if len(sealed) < TAG_LEN + NONCE_LEN:
             return b""
@@ -94,7 +96,7 @@ class XorCipher:
         self._key = key
         self.overhead = 0
 
-    def _apply(self, data: bytes | memoryview) -> bytes:
+    def _apply(self, data: BytesLike) -> bytes:
         n = len(data)
         if not n:
             return b""
@@ -102,13 +104,13 @@ class XorCipher:
         stream = int.from_bytes((self._key * reps)[:n], "little")
         return (int.from_bytes(data, "little") ^ stream).to_bytes(n, "little")
 
-    def seal(self, plaintext: bytes) -> bytes:
+    def seal(self, plaintext: BytesLike) -> bytes:
         return self._apply(plaintext)
 
-    def open(self, sealed: bytes | memoryview) -> bytes:
+    def open(self, sealed: BytesLike) -> bytes:
         return self._apply(sealed)
 
-    def nonce_of(self, sealed: bytes | memoryview) -> bytes:
+    def nonce_of(self, sealed: BytesLike) -> bytes:
         return b""
 
 

@@ -30,7 +30,10 @@ _udp_unpack_from = UDP_HEADER.unpack_from
 
 
 def pack_udp(conn_id: int, msg_type: int, body: bytes | bytearray | memoryview) -> bytes:
-    return _udp_pack(conn_id, msg_type, 0, len(body)) + body
+    n = len(body)
+    if n > 0xFFFF:
+        raise ValueError(f"UDP tunnel body of {n} bytes does not fit the u16 length field")
+    return _udp_pack(conn_id, msg_type, 0, n) + body
 
 
 def parse_udp(datagram: bytes | bytearray | memoryview) -> tuple[int, int, memoryview]:
