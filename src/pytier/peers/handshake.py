@@ -80,7 +80,9 @@ async def _next_handshake(inbox: asyncio.Queue[bytes], deadline: float) -> Hands
             return req
 
 
-async def run_handshake(tunnel: Tunnel, me: Identity, closed: asyncio.Event, inbox: asyncio.Queue[bytes]) -> HandshakeRequest:
+async def run_handshake(
+    tunnel: Tunnel, me: Identity, closed: asyncio.Event, inbox: asyncio.Queue[bytes]
+) -> HandshakeRequest:
     """Run our side of the handshake over a tunnel whose packets the caller feeds into ``inbox``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + HANDSHAKE_TIMEOUT_S

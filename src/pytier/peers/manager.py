@@ -67,7 +67,7 @@ class PeerManager:
         self.peer_hostnames: dict[int, str] = {}
         self.on_peer_up: Callable[[int], None] | None = None
         self.on_peer_down: Callable[[int], None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[PeerConn | None]] = set()
         self._refusals: set[tuple[str, str]] = set()
         self._liveness: asyncio.Task[None] | None = None
 
@@ -80,8 +80,8 @@ class PeerManager:
     def add_tunnel(self, tunnel: Tunnel, label: str) -> asyncio.Future[PeerConn | None]:
         """Run the handshake on a fresh tunnel; the future yields the admitted conn (or None)."""
         task = asyncio.ensure_future(self._admit(tunnel, label))
-        self._tasks.add(task)  # type: ignore[arg-type]
-        task.add_done_callback(self._tasks.discard)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return task
 
     async def _admit(self, tunnel: Tunnel, label: str) -> PeerConn | None:
@@ -141,6 +141,7 @@ class PeerManager:
         conn = self._by_tunnel.pop(tunnel, None)
         if conn is None:
             return
+        conn.closed.set()
         conns = self.conns.get(conn.peer_id, [])
         if conn in conns:
             conns.remove(conn)

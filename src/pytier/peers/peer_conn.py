@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 from collections import deque
@@ -31,6 +32,7 @@ class PeerConn:
         self._outstanding: dict[int, float] = {}
         self._results: deque[bool] = deque(maxlen=LOSS_WINDOW)
         self.rtt_s: float | None = None
+        self.closed = asyncio.Event()
 
     def make_ping(self, now: float) -> bytes:
         seq = self._seq

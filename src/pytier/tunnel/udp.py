@@ -22,8 +22,8 @@ _DATA = int(UdpMsgType.Data)
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 
-def _fmt(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    host, port = addr[0], addr[1]
+def _fmt(addr: tuple[object, ...]) -> str:
+    host, port = str(addr[0]), addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -1,0 +1,338 @@
+"""The composition root: builds a node's parts from a Config, runs them, and takes them down again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pytier import __version__
+from pytier.config import Config, TunnelUrl
+from pytier.crypto import make_cipher
+from pytier.errors import UserError
+from pytier.mgmt.server import MgmtServer
+from pytier.peers.handshake import Identity
+from pytier.peers.manager import PeerManager
+from pytier.peers.route import RouteService
+from pytier.peers.rpc import PeerRpc
+from pytier.tun.device import TunDevice
+from pytier.tun.netlink import LinkConfig
+from pytier.tunnel.base import Tunnel
+from pytier.tunnel.tcp import TcpListener, connect_tcp
+from pytier.tunnel.udp import UdpListener, connect_udp
+from pytier.wire.messages import PeerFeatureFlag
+from pytier.wire.peer_header import PacketType
+from pytier.wire.siphash import network_secret_digest
+
+log = logging.getLogger("pytier.node")
+
+RECONNECT_MIN_S = 1.0
+RECONNECT_MAX_S = 30.0
+
+
+class Node:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.peer_id = secrets.randbits(32) or 1
+        self.started_at = time.time()
+        digest = network_secret_digest(config.network_name, config.network_secret)
+        cipher = None if config.disable_encryption else make_cipher(config.encryption_algorithm,
+                                                                     config.network_secret)
+        self.identity = Identity(self.peer_id, config.network_name, digest)
+        self.peers = PeerManager(
+            identity=self.identity,
+            cipher=cipher,
+            peer_timeout_s=config.peer_timeout_s,
+            next_hop=self._next_hop,
+        )
+        self.rpc = PeerRpc(self.peer_id, config.network_name, self._send_rpc)
+        self.route = RouteService(
+            my_peer_id=self.peer_id,
+            rpc=self.rpc,
+            ipv4=config.ipv4,
+            proxy_cidrs=[str(n) for n in config.proxy_networks],
+            hostname=config.hostname,
+            feature_flag=self.feature_flags(),
+        )
+        self.route.on_change = self._on_routes_changed
+        self.route.on_conflict = self._on_conflict
+        self.peers.on_peer_up = self.route.peer_connected
+        self.peers.on_peer_down = self.route.peer_disconnected
+        self.peers.register(PacketType.RpcReq, self._on_rpc_req)
+        self.peers.register(PacketType.RpcResp, self._on_rpc_resp)
+        self.peers.register(PacketType.Data, self._on_data)
+        self._ip_to_peer: dict[bytes, int] = {}
+        self._cidr_routes: list[tuple[int, int, int]] = []  # (network int, mask int, peer) longest first
+        self._tun: TunDevice | None = None
+        self._link: LinkConfig | None = None
+        self._tun_routes: set[ipaddress.IPv4Network] = set()
+        self._listeners: list[UdpListener | TcpListener] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._mgmt: MgmtServer | None = None
+        self.listener_urls: list[str] = []
+        self.counters = self.peers.counters
+        self._my_ip = config.ipv4.ip.packed if config.ipv4 is not None else None
+
+    def feature_flags(self) -> PeerFeatureFlag:
+        # kcp_input / quic_input are advertised only once the acceptor sides exist: a source node
+        # would otherwise send us KCP or QUIC that nothing here can answer.
+        return PeerFeatureFlag()
+
+    # ---- plumbing between the layers --------------------------------------------------------
+
+    def _next_hop(self, peer_id: int) -> int | None:
+        return self.route.next_hop(peer_id)
+
+    def _send_rpc(self, to_peer: int, packet_type: int, payload: bytes) -> None:
+        self.peers.send(to_peer, packet_type, payload)
+
+    def _on_rpc_req(self, from_peer: int, payload: bytes) -> None:
+        self.rpc.on_packet(from_peer, int(PacketType.RpcReq), payload)
+
+    def _on_rpc_resp(self, from_peer: int, payload: bytes) -> None:
+        self.rpc.on_packet(from_peer, int(PacketType.RpcResp), payload)
+
+    def _on_data(self, from_peer: int, payload: bytes) -> None:
+        tun = self._tun
+        if tun is None or len(payload) < 20 or payload[0] >> 4 not in (4, 6):
+            self.counters["rx_data_dropped"] += 1
+            return
+        tun.write(payload)
+        self.counters["rx_data_packets"] += 1
+
+    def _on_tun_packets(self, packets: list[bytes]) -> None:
+        send = self.peers.send
+        lookup = self._ip_to_peer.get
+        data = int(PacketType.Data)
+        for pkt in packets:
+            if len(pkt) < 20 or pkt[0] >> 4 != 4:
+                self.counters["tun_dropped_not_ipv4"] += 1
+                continue
+            dst = pkt[16:20]
+            peer = lookup(dst)
+            if peer is None:
+                peer = self._cidr_lookup(int.from_bytes(dst, "big"))
+                if peer is None:
+                    self.counters["tun_dropped_no_route"] += 1
+                    continue
+            if not send(peer, data, pkt):
+                self.counters["tun_dropped_unreachable"] += 1
+
+    def _cidr_lookup(self, addr: int) -> int | None:
+        for net, mask, peer in self._cidr_routes:
+            if addr & mask == net:
+                return peer
+        return None
+
+    def _on_routes_changed(self) -> None:
+        ip_map: dict[bytes, int] = {}
+        cidrs: list[tuple[int, int, int, int]] = []
+        hostnames: dict[int, str] = {}
+        for entry in self.route.routes():
+            info = entry.info
+            if info.hostname:
+                hostnames[entry.peer_id] = info.hostname
+            if info.ipv4_addr is not None:
+                ip_map[info.ipv4_addr.packed] = entry.peer_id
+            for text in info.proxy_cidrs:
+                try:
+                    net = ipaddress.IPv4Network(text, strict=False)
+                except ValueError:
+                    continue
+                cidrs.append((net.prefixlen, int(net.network_address), int(net.netmask), entry.peer_id))
+        cidrs.sort(reverse=True)
+        self._ip_to_peer = ip_map
+        self._cidr_routes = [(n, m, p) for _, n, m, p in cidrs]
+        self.peers.peer_hostnames = hostnames
+        self._sync_tun_routes({ipaddress.IPv4Network((n, plen)) for plen, n, _, _ in cidrs})
+
+    def _sync_tun_routes(self, wanted: set[ipaddress.IPv4Network]) -> None:
+        link = self._link
+        if link is None:
+            return
+        own = self.config.ipv4.network if self.config.ipv4 is not None else None
+        wanted = {n for n in wanted if n != own and n not in self.config.proxy_networks}
+        for net in self._tun_routes - wanted:
+            link.remove_route(net)
+            log.info("route %s via %s removed", net, self.config.dev_name)
+        for net in wanted - self._tun_routes:
+            link.add_route(net)
+            log.info("route %s via %s added (proxied by a peer)", net, self.config.dev_name)
+        self._tun_routes = wanted
+
+    def _on_conflict(self, message: str) -> None:
+        log.error("%s", message)
+        self.counters["ipv4_conflicts"] += 1
+
+    # ---- tunnels --------------------------------------------------------------------------
+
+    def _on_incoming_tunnel(self, tunnel: Tunnel) -> None:
+        self.peers.add_tunnel(tunnel, f"from {tunnel.info.scheme}://{tunnel.info.remote_addr}")
+
+    async def _start_listener(self, url: TunnelUrl) -> None:
+        try:
+            if url.scheme == "udp":
+                lst: UdpListener | TcpListener = await UdpListener.start(url.host, url.port,
+                                                                         self._on_incoming_tunnel)
+            else:
+                lst = await TcpListener.start(url.host, url.port, self._on_incoming_tunnel)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {url}: {exc.strerror or exc}") from exc
+        self._listeners.append(lst)
+        self.listener_urls.append(f"{url.scheme}://{lst.local_addr}")
+        log.info("listening on %s://%s", url.scheme, lst.local_addr)
+
+    async def _keep_connected(self, url: TunnelUrl) -> None:
+        """Connect to a configured peer and reconnect, with back-off, whenever the link ends."""
+        delay = RECONNECT_MIN_S
+        last_error = ""
+        while True:
+            started = time.monotonic()
+            try:
+                if url.scheme == "udp":
+                    tunnel = await connect_udp(url.host, url.port)
+                else:
+                    tunnel = await connect_tcp(url.host, url.port)
+            except (OSError, TimeoutError) as exc:
+                msg = str(exc) or type(exc).__name__
+                if msg != last_error:
+                    log.warning("cannot connect to %s: %s (retrying)", url, msg)
+                    last_error = msg
+            else:
+                conn = await self.peers.add_tunnel(tunnel, f"to {url}")
+                if conn is not None:
+                    last_error = ""
+                    await conn.closed.wait()
+            if time.monotonic() - started > 60:
+                delay = RECONNECT_MIN_S
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+    # ---- TUN --------------------------------------------------------------------------------
+
+    def _open_tun(self) -> None:
+        cfg = self.config
+        tun = TunDevice.open(cfg.dev_name)
+        self._tun = tun
+        link = LinkConfig(tun.name)
+        self._link = link
+        link.set_up(cfg.mtu)
+        if cfg.ipv4 is not None:
+            link.add_address(cfg.ipv4)
+        tun.attach(asyncio.get_running_loop(), self._on_tun_packets)
+        log.info("TUN device %s up (mtu %d, %s)", tun.name, cfg.mtu, cfg.ipv4 or "no address")
+
+    def _close_tun(self) -> None:
+        if self._tun is not None:
+            self._tun.detach()
+        if self._link is not None:
+            self._link.cleanup()
+            self._link = None
+        if self._tun is not None:
+            self._tun.close()
+            log.info("TUN device %s removed", self._tun.name)
+            self._tun = None
+
+    # ---- management -------------------------------------------------------------------------
+
+    def mgmt_handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        return {
+            "peer": lambda _p: self.describe_peers(),
+            "route": lambda _p: self.describe_routes(),
+            "node": lambda _p: self.describe_node(),
+            "proxy": lambda _p: [],
+            "stats": lambda _p: dict(self.counters),
+        }
+
+    def describe_peers(self) -> list[dict[str, Any]]:
+        rows = self.peers.describe_conns()
+        for row in rows:
+            info = self.route.peer_info(int(row["peer_id"]))  # type: ignore[call-overload]
+            row["ipv4"] = str(info.ipv4_addr) if info is not None and info.ipv4_addr else None
+            row["version"] = info.easytier_version if info is not None else None
+        return rows
+
+    def describe_routes(self) -> list[dict[str, Any]]:
+        rows = []
+        for e in self.route.routes():
+            hop_info = self.route.peer_info(e.next_hop) if e.next_hop is not None else None
+            rows.append({
+                "peer_id": e.peer_id,
+                "ipv4": str(e.info.ipv4_addr) if e.info.ipv4_addr else None,
+                "hostname": e.info.hostname,
+                "next_hop_peer_id": e.next_hop,
+                "next_hop_hostname": hop_info.hostname if hop_info is not None else None,
+                "cost": e.cost,
+                "proxy_cidrs": list(e.info.proxy_cidrs),
+                "features": e.info.feature_flag.names(),
+                "version": e.info.easytier_version,
+            })
+        return rows
+
+    def describe_node(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "peer_id": self.peer_id,
+            "ipv4": str(cfg.ipv4) if cfg.ipv4 else None,
+            "hostname": cfg.hostname,
+            "network_name": cfg.network_name,
+            "instance_name": cfg.instance_name,
+            "dev_name": self._tun.name if self._tun is not None else None,
+            "mtu": cfg.mtu,
+            "listeners": list(self.listener_urls),
+            "features": self.feature_flags().names(),
+            "proxy_networks": [str(n) for n in cfg.proxy_networks],
+            "version": f"pytier-{__version__}",
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        host, port = cfg.rpc_portal
+        self._mgmt = MgmtServer(self.mgmt_handlers(), host, port)
+        await self._mgmt.start()
+        if not cfg.no_tun:
+            self._open_tun()
+        for url in cfg.listeners:
+            await self._start_listener(url)
+        self.peers.start()
+        await self.route.start()
+        for url in cfg.peers:
+            self._tasks.append(asyncio.ensure_future(self._keep_connected(url)))
+        log.info(
+            "node %d up: network %r, ipv4 %s, peers %s",
+            self.peer_id, cfg.network_name, cfg.ipv4 or "none",
+            ", ".join(str(u) for u in cfg.peers) or "none",
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for lst in self._listeners:
+            lst.close()
+        with contextlib.suppress(Exception):
+            await self.route.close()
+        await self.peers.close()
+        self.rpc.close()
+        if self._mgmt is not None:
+            await self._mgmt.close()
+        self._close_tun()
+        log.info("node %d stopped", self.peer_id)
+
+
+async def run_node(config: Config) -> int:
+    node = Node(config)
+    try:
+        await node.start()
+        await asyncio.Event().wait()
+    finally:
+        await node.stop()
+    return 0
