@@ -1,0 +1,233 @@
+"""RouteService: the asyncio shell that runs OSPF route sync (`RouteSync`) over `PeerRpc`.
+
+It serves OspfRouteRpc.SyncRouteInfo, calls it on neighbours when the core has something to send
+(checked every tick and whenever something changes), sweeps stale entries, and answers route
+queries for the node. Callbacks: `on_change()` after the table changed, `on_conflict(message)` for
+duplicate virtual IPv4 addresses or peer ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from enum import Enum
+from ipaddress import IPv4Address, IPv4Interface
+
+from pytier.peers.route_sync import (
+    DEFAULT_EASYTIER_VERSION,
+    OSPF_ROUTE_SERVICE,
+    SYNC_ROUTE_INFO,
+    ConflictDetected,
+    MyInfo,
+    OutgoingSync,
+    RouteSync,
+    RouteTimers,
+)
+from pytier.peers.route_table import RouteEntry
+from pytier.peers.rpc import PeerRpc, RpcCallError
+from pytier.wire.messages import PeerFeatureFlag, RoutePeerInfo
+
+__all__ = ["MyInfo", "RouteEntry", "RouteService", "RouteTimers"]
+
+log = logging.getLogger(__name__)
+
+
+class _Unset(Enum):
+    UNSET = 0
+
+
+UNSET = _Unset.UNSET
+
+
+class RouteService:
+    def __init__(
+        self,
+        *,
+        my_peer_id: int,
+        rpc: PeerRpc,
+        ipv4: IPv4Interface | None = None,
+        proxy_cidrs: Iterable[str] = (),
+        hostname: str = "",
+        feature_flag: PeerFeatureFlag | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        timers: RouteTimers | None = None,
+        rng: random.Random | None = None,
+        easytier_version: str = DEFAULT_EASYTIER_VERSION,
+        on_change: Callable[[], None] | None = None,
+        on_conflict: Callable[[str], None] | None = None,
+    ) -> None:
+        self._rpc = rpc
+        self._clock = clock
+        my_info = MyInfo(ipv4, tuple(proxy_cidrs), hostname, feature_flag or PeerFeatureFlag())
+        self._core = RouteSync(
+            my_peer_id,
+            my_info,
+            now=clock(),
+            wall_clock=wall_clock,
+            timers=timers,
+            rng=rng,
+            easytier_version=easytier_version,
+        )
+        self.on_change = on_change
+        self.on_conflict = on_conflict
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+        self._closed = False
+        rpc.register(OSPF_ROUTE_SERVICE, SYNC_ROUTE_INFO, self._on_sync_request)
+
+    # ---- this node --------------------------------------------------------------------------
+
+    @property
+    def core(self) -> RouteSync:
+        return self._core
+
+    @property
+    def my_peer_id(self) -> int:
+        return self._core.my_peer_id
+
+    @property
+    def peer_route_id(self) -> int:
+        return self._core.peer_route_id
+
+    def my_info(self) -> MyInfo:
+        return self._core.my_info
+
+    def set_my_info(
+        self,
+        *,
+        ipv4: IPv4Interface | _Unset | None = UNSET,
+        proxy_cidrs: Iterable[str] | _Unset = UNSET,
+        hostname: str | _Unset = UNSET,
+        feature_flag: PeerFeatureFlag | _Unset = UNSET,
+    ) -> None:
+        """Change what this node advertises; its version goes up only if something really changed."""
+        cur = self._core.my_info
+        info = MyInfo(
+            cur.ipv4 if isinstance(ipv4, _Unset) else ipv4,
+            cur.proxy_cidrs if isinstance(proxy_cidrs, _Unset) else tuple(proxy_cidrs),
+            cur.hostname if isinstance(hostname, _Unset) else hostname,
+            cur.feature_flag if isinstance(feature_flag, _Unset) else feature_flag,
+        )
+        self._core.set_my_info(info, self._clock())
+        self._after_core()
+
+    # ---- neighbours -------------------------------------------------------------------------
+
+    def peer_connected(self, peer_id: int) -> None:
+        self._core.peer_connected(peer_id, self._clock())
+        self._after_core()
+
+    def peer_disconnected(self, peer_id: int) -> None:
+        self._core.peer_disconnected(peer_id, self._clock())
+        self._after_core()
+
+    # ---- queries ----------------------------------------------------------------------------
+
+    def next_hop(self, peer_id: int) -> int | None:
+        return self._core.next_hop(peer_id)
+
+    def peer_for_ipv4(self, addr: IPv4Address) -> int | None:
+        """Exact virtual IPv4 first; outside our own subnet, the longest proxied CIDR."""
+        return self._core.peer_for_ipv4(addr)
+
+    def peer_info(self, peer_id: int) -> RoutePeerInfo | None:
+        return self._core.peer_info(peer_id)
+
+    def routes(self) -> list[RouteEntry]:
+        """Reachable peers with a known RoutePeerInfo, by peer id."""
+        return self._core.routes()
+
+    def reachable_peers(self) -> set[int]:
+        return self._core.reachable_peers()
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None and not self._closed:
+            self._task = asyncio.create_task(self._run(), name=f"route-sync-{self.my_peer_id}")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._rpc.unregister(OSPF_ROUTE_SERVICE, SYNC_ROUTE_INFO)
+        tasks = [*self._calls, *([self._task] if self._task is not None else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._task = None
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _on_sync_request(self, from_peer: int, request: bytes) -> bytes:
+        response = self._core.handle_sync_request(from_peer, request, self._clock())
+        self._after_core()
+        return response
+
+    async def _run(self) -> None:
+        timers = self._core.timers
+        next_sweep = self._clock() + timers.sweep_s
+        while True:
+            self._wake.clear()
+            now = self._clock()
+            if now >= next_sweep:
+                self._core.sweep(now)
+                next_sweep = now + timers.sweep_s
+            for out in self._core.poll(now):
+                task = asyncio.create_task(self._sync(out))
+                self._calls.add(task)
+                task.add_done_callback(self._calls.discard)
+            self._dispatch_events()
+            delay = min(timers.tick_s, max(0.0, next_sweep - now))
+            retry = self._core.next_retry(now)
+            if retry is not None:
+                delay = min(delay, retry - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, delay))
+
+    async def _sync(self, out: OutgoingSync) -> None:
+        try:
+            response = await self._rpc.call(
+                out.peer_id,
+                OSPF_ROUTE_SERVICE,
+                SYNC_ROUTE_INFO,
+                out.request,
+                timeout_s=self._core.timers.rpc_timeout_s,
+            )
+        except RpcCallError as exc:
+            log.debug("route sync with peer %d failed: %s", out.peer_id, exc)
+            self._core.handle_sync_failure(out.peer_id, out.token, self._clock())
+        else:
+            self._core.handle_sync_response(out.peer_id, out.token, response, self._clock())
+        self._after_core()
+
+    def _after_core(self) -> None:
+        self._dispatch_events()
+        self._wake.set()
+
+    def _dispatch_events(self) -> None:
+        changed = False
+        for event in self._core.pop_events():
+            if not isinstance(event, ConflictDetected):
+                changed = True
+            elif self.on_conflict is None:
+                log.warning("%s", event.message)
+            else:
+                self._callback(self.on_conflict, event.message)
+        if changed and self.on_change is not None:
+            self._callback(self.on_change)
+
+    @staticmethod
+    def _callback(fn: Callable[..., None], *args: str) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("route callback failed")
