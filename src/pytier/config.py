@@ -68,7 +68,7 @@ def split_host_port(text: str) -> tuple[str, int | None]:
             raise ValueError(f"unexpected {rest!r} after ']' in {text!r}")
         return host, _parse_port(rest[1:], text)
     if text.count(":") > 1:
-        raise ValueError(f"put the IPv6 address in {text!r} in brackets, e.g. [fd00::1]:{DEFAULT_TUNNEL_PORT}")
+        raise ValueError(f"put the IPv6 address in {text!r} in brackets, e.g. [fd00::1]:11010")
     host, sep, port = text.partition(":")
     return host, _parse_port(port, text) if sep else None
 

@@ -29,6 +29,8 @@ log = logging.getLogger("pytier.mgmt")
 # MgmtError for an answer the user should read as is ("no such peer"); anything else is logged as a bug.
 Handler = Callable[[dict[str, Any]], Any]
 
+_LINGER_S = 2.0  # at most this long to drain a client we are hanging up on
+
 
 class MgmtServer:
     def __init__(self, handlers: Mapping[str, Handler], host: str, port: int) -> None:
@@ -85,6 +87,10 @@ class MgmtServer:
             await self._serve_requests(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # Only close() (or the loop shutting down) cancels a connection. Ending quietly matters:
+            # asyncio's stream callback would log a cancelled task as an error.
+            pass
         finally:
             self._connections.discard(task)
             writer.close()
@@ -96,8 +102,8 @@ class MgmtServer:
             try:
                 line = await reader.readline()
             except ValueError:  # StreamReader's way of saying the line is over its limit
-                writer.write(encode_error(f"request line longer than {MAX_REQUEST_BYTES} bytes"))
-                await writer.drain()
+                error = f"request line longer than {MAX_REQUEST_BYTES} bytes"
+                await _reply_and_hang_up(reader, writer, error)
                 return
             if not line:
                 return
@@ -106,8 +112,7 @@ class MgmtServer:
             try:
                 method, params = decode_request(line)
             except RequestError as e:
-                writer.write(encode_error(str(e)))
-                await writer.drain()
+                await _reply_and_hang_up(reader, writer, str(e))
                 return
             writer.write(await self._dispatch(method, params))
             await writer.drain()
@@ -127,6 +132,18 @@ class MgmtServer:
         except Exception as e:
             log.exception("management request %r failed", method)
             return encode_error(f"internal error in {method!r}: {type(e).__name__}: {e}")
+
+
+async def _reply_and_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: str) -> None:
+    """Send the error, then our FIN, and drain what the client is still sending: closing with unread
+    input would reset the connection and could destroy the reply before the client reads it."""
+    writer.write(encode_error(error))
+    writer.write_eof()
+    await writer.drain()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_LINGER_S):
+            while await reader.read(64 * 1024):
+                pass
 
 
 def _bind_error(host: str, port: int, e: OSError) -> str:
