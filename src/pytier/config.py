@@ -427,13 +427,15 @@ def _split_items(parse: Callable[[str], list[Any]]) -> Callable[[str], list[Any]
     return parse_all
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Options as "-l, --listeners URL" (short form first, value named once), like EasyTier's help."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=36, width=106)
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
         flags = sorted(action.option_strings, key=len)
         if action.nargs == 0:
             return ", ".join(flags)
@@ -456,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         "comma-separated values. Flags given here override the --config-file. Example:\n"
         f"  sudo {PROG} --network-name net --network-secret s -i 10.144.144.1/24 \\\n"
         "      -p udp://198.18.0.2:11010 --enable-kcp-proxy",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,
     )
@@ -496,8 +498,6 @@ def _command_line_values(ns: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-
-
 def _dedup(items: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(items))
 
@@ -519,11 +519,15 @@ def _file_values(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{where}: not UTF-8 text") from None
 
     values: dict[str, Any] = {}
+    seen: set[str] = set()
     for raw_key, raw in data.items():
         key = raw_key.replace("-", "_")
         s = _BY_KEY.get(key)
         if s is None:
             raise ConfigError(f"{where}: {_unknown_key_message(raw_key)}")
+        if key in seen:
+            raise ConfigError(f"{where}: {key} is set twice (once with dashes, once with underscores)")
+        seen.add(key)
         try:
             value = _toml_value(s, raw)
         except ValueError as e:
@@ -538,16 +542,17 @@ def _file_values(path: Path) -> dict[str, Any]:
     return values
 
 
-def _unknown_key_message(key: str) -> str:
+def _unknown_key_message(raw_key: str) -> str:
+    key = raw_key.replace("-", "_")
     if key in _EASYTIER_SECTIONS:
-        return (f"unknown key {key!r}: pytier config files use flat keys named after the long flags "
+        return (f"unknown key {raw_key!r}: pytier config files use flat keys named after the long flags "
                 f"(network_name = \"...\", peers = [\"udp://...\"], enable_kcp_proxy = true), "
-                "not EasyTier's sections")
-    if key in ("config_file",):
-        return "config_file cannot be set inside a config file"
-    close = difflib.get_close_matches(key.replace("-", "_"), list(_BY_KEY), n=1)
+                "not EasyTier's layout")
+    if key == "config_file":
+        return f"{raw_key} cannot be set inside a config file"
+    close = difflib.get_close_matches(key, list(_BY_KEY), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else f" (see {PROG} --help for the settings)"
-    return f"unknown key {key!r}{hint}"
+    return f"unknown key {raw_key!r}{hint}"
 
 
 def _toml_scalar(raw: Any) -> str:
@@ -606,6 +611,7 @@ __all__ = [
     "DEFAULT_TUNNEL_PORT",
     "Config",
     "ConfigError",
+    "HelpFormatter",
     "TunnelUrl",
     "build_parser",
     "load_config",

@@ -305,6 +305,7 @@ ERRORS: list[tuple[list[str], str | None, str]] = [
     ([], "[network_identity]\nnetwork_name = 'x'\n", "unknown key 'network_identity': pytier config files "
                                                      "use flat keys"),
     ([], "config_file = 'x'\n", "config_file cannot be set inside a config file"),
+    ([], "network_name = 'a'\nnetwork-name = 'b'\n", "network_name is set twice"),
     ([], "no_tun = 'yes'\n", "no_tun: expected true or false, got a string"),
     ([], "ipv4 = ['10.0.0.1']\n", "ipv4: expected a string or number, got an array"),
     ([], "peers = [true]\n", "peers: expected a string or number, got true"),

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 from pytier.cli.table import render_table
 from pytier.cli.views import VIEWS, ViewError
-from pytier.config import DEFAULT_RPC_PORTAL, split_host_port, version
+from pytier.config import DEFAULT_RPC_PORTAL, HelpFormatter, split_host_port, version
 from pytier.mgmt.client import call
 from pytier.mgmt.protocol import DEFAULT_TIMEOUT_S, MgmtError, format_address
 
@@ -66,21 +66,23 @@ def _add_common(parser: argparse.ArgumentParser, *, with_defaults: bool) -> None
                         metavar="HOST:PORT",
                         help=f"where pytier-core's management API listens (default: "
                         f"{format_address(*DEFAULT_RPC_PORTAL)})")
-    parser.add_argument("-o", "--output", choices=("table", "json"), default=d("table"),
-                        help="output format (default: table)")
+    parser.add_argument("-o", "--output", choices=("table", "json"), default=d("table"), metavar="FORMAT",
+                        help="table or json (default: table)")
     parser.add_argument("--timeout", type=_timeout, default=d(DEFAULT_TIMEOUT_S), metavar="SECONDS",
                         help=f"give up after this many seconds (default: {DEFAULT_TIMEOUT_S:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Show the state of a running pytier-core.", allow_abbrev=False)
+    parser = _Parser(prog=PROG, description="Show the state of a running pytier-core.", allow_abbrev=False,
+                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {version()}",
                         help="print the version and exit")
     _add_common(parser, with_defaults=True)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
     for name, (help_text, _) in VIEWS.items():
         description = help_text[0].upper() + help_text[1:] + "."
-        sub = commands.add_parser(name, help=help_text, description=description, allow_abbrev=False)
+        sub = commands.add_parser(name, help=help_text, description=description, allow_abbrev=False,
+                                  formatter_class=HelpFormatter)
         _add_common(sub, with_defaults=False)
     return parser
 
