@@ -36,6 +36,7 @@ __all__ = [
     "Veth",
     "delete_namespaces",
     "disable_offloads",
+    "iperf3",
     "list_namespaces",
     "nft_clear_loss",
     "nft_input_loss",
@@ -52,6 +53,7 @@ CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/run/netns"
 STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
 COMMAND_TIMEOUT = 30.0  # seconds; default bound for one `run`
+IPERF3_PORT = 5201
 
 # Features that could hand frames larger than the MTU to a veth peer, or leave checksums for
 # "hardware" to fill in, which a packet socket would then copy out unfilled.
@@ -366,11 +368,12 @@ def nft_input_loss(ns: Netns, ifname: str, percent: int) -> None:
     table = _loss_table(ifname)
     script = f"table netdev {table}\ndelete table netdev {table}\n"
     if percent:
+        draw = "" if percent == 100 else f"numgen random mod 100 < {int(percent)} "
         script += (
             f"table netdev {table} {{\n"
             f"  chain ingress {{\n"
             f'    type filter hook ingress device "{ifname}" priority 0;\n'
-            f"    meta protocol ip numgen random mod 100 < {int(percent)} drop\n"
+            f"    meta protocol ip {draw}drop\n"
             f"  }}\n"
             f"}}\n"
         )
@@ -390,6 +393,42 @@ def wait_tcp_listen(ns: Netns, port: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on TCP port {port} in {ns.name} after {timeout} s")
+
+
+def iperf3(
+    client: Netns,
+    server: Netns,
+    server_ip: IPv4Address | str,
+    args: Sequence[str] = (),
+    *,
+    port: int = IPERF3_PORT,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """Run one iperf3 test from `client` to a one-off server in `server`; return iperf3's JSON report.
+
+    `args` go to the client (e.g. ["-t", "3", "-C", "cubic"] or ["-u", "-b", "100M"]). The server is
+    ended by PID whatever happens.
+    """
+    srv = server.popen(
+        ["iperf3", "-s", "-1", "-B", str(server_ip), "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_tcp_listen(server, port)
+        argv = ["iperf3", "-c", str(server_ip), "-p", str(port), "-J", *args]
+        proc = client.run(argv, check=False, timeout=timeout)
+        try:
+            report: dict[str, Any] = json.loads(proc.stdout)
+        except ValueError:
+            raise CommandFailed(proc.returncode, argv, proc.stdout, proc.stderr) from None
+        if "error" in report or proc.returncode != 0:
+            raise CommandFailed(proc.returncode, argv, proc.stdout, str(report.get("error", proc.stderr)))
+        return report
+    finally:
+        stop_process(srv)
+        if srv in server.processes:
+            server.processes.remove(srv)
 
 
 def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> tuple[bytes, bytes]:
@@ -453,6 +492,8 @@ class EmulatedLink:
 
 class Testbed:
     """Owns namespaces and processes for one test; `close()` (or leaving the `with`) removes them all."""
+
+    __test__ = False  # a helper, not a test class, whatever pytest makes of its name
 
     def __init__(self, prefix: str | None = None) -> None:
         self.prefix = prefix if prefix is not None else run_prefix()
