@@ -127,6 +127,10 @@ class _VersionMemory:
         for peer_id in [p for p, k in self._entries.items() if now - k.touched >= ttl]:
             del self._entries[peer_id]
 
+    def forget(self, peer_ids: Iterable[int]) -> None:
+        for peer_id in peer_ids:
+            self._entries.pop(peer_id, None)
+
     def clear(self) -> None:
         self._entries.clear()
 
@@ -540,8 +544,15 @@ class RouteSync:
             {p: s.info for p, s in self._infos.items()},
             {p: c.peers for p, c in self._conns.items()},
         )
-        self._table = table
         reachable = table.reachable_peers()
+        returned = reachable - self._table.reachable_peers()
+        self._table = table
+        if returned:
+            # A neighbour drops entries that were unreachable for a while without telling us; whatever
+            # it was believed to hold about a peer that is back may be gone, so send it again.
+            for session in self._sessions.values():
+                session.infos_known.forget(returned)
+                session.conns_known.forget(returned)
         for peer_id in self._infos:
             if peer_id in reachable:
                 self._unreachable_since.pop(peer_id, None)
