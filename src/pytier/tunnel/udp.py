@@ -9,6 +9,7 @@ import secrets
 import socket
 import struct
 from collections.abc import Callable
+from typing import cast
 
 from pytier.tunnel.base import Tunnel, TunnelInfo, log
 from pytier.wire.errors import WireError
@@ -86,8 +87,8 @@ class UdpListener(asyncio.DatagramProtocol):
         return proto
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        # uvloop's UDP transport is not a subclass of asyncio.DatagramTransport; it behaves as one.
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) >= 8 and data[4] == _DATA:
@@ -155,8 +156,7 @@ class _UdpClientProtocol(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         tun = self.tunnel
