@@ -242,7 +242,7 @@ class NatHairpin:
         if fields is None:
             return None
         hl, src, dst, sport, dport = fields
-        if src != self._own or sport != self.listener_port:
+        if src != self._own or sport != self.listener_port or dst == self._own:
             return None
         client = self._own if dst == self._fake else dst
         entry = self._entries.get(_key(client, dport))
