@@ -102,7 +102,7 @@ def test_device_vanishes_with_its_fd_and_late_cleanup_is_quiet(testbed: Testbed)
     ns = testbed.netns("t")
     with ns.enter():
         tun = TunDevice.open("pt%d")
-        cfg = LinkConfig(tun.name)
+    cfg = LinkConfig(tun.name, netns=ns.name)  # the netlink socket can also be made from outside
     with cfg:
         assert tun.name.startswith("pt") and tun.name != "pt%d"
         cfg.set_up()

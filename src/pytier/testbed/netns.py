@@ -230,6 +230,8 @@ class Netns:
         _stop_all(self.processes, timeout)
         self.processes.clear()
         for pid in self.pids():
+            if pid == os.getpid():
+                continue  # a thread of ours may have entered the namespace; never end ourselves
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
