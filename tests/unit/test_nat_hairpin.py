@@ -375,3 +375,13 @@ def test_rewrites_keep_checksums_exact(
 def test_constructor_refuses_unusable_settings(own: str, net: str, port: int) -> None:
     with pytest.raises(ValueError):
         NatHairpin(IPv4Address(own), IPv4Network(net), port)
+
+
+def test_views_and_bytearrays_are_accepted_and_left_alone() -> None:
+    nat = hairpin()
+    syn = packet(V, SPORT, D, 80, SYN)
+    expected = nat.intercept_syn(syn, now=0.0)
+    for buf in (bytearray(syn), memoryview(syn)):
+        assert nat.intercept_syn(buf, now=0.0) == expected
+        assert nat.rewrite_inbound(buf) == expected
+    assert syn == packet(V, SPORT, D, 80, SYN)

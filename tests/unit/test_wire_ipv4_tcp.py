@@ -494,3 +494,14 @@ def test_tcp_arbitrary_options_only_raise_wire_error(options: bytes, payload: by
     except WireError:
         return
     assert r.payload == payload
+
+
+def test_views_and_bytearrays_parse_like_bytes() -> None:
+    seg = tcp_segment(SRC, DST, 40000, 80, 7, 8, 0x18, options=LINUX_SYN_OPTIONS, payload=b"payload")
+    packet = ip_header(SRC, DST, len(seg)) + seg
+    for buf in (bytearray(packet), memoryview(packet)):
+        ip = Ipv4Repr.parse(buf)
+        assert ip == Ipv4Repr.parse(packet)
+        assert TcpRepr.parse(ip.src_addr, ip.dst_addr, buf[ip.header_len : ip.total_len]) == TcpRepr.parse(
+            SRC, DST, seg
+        )
