@@ -10,6 +10,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pytier import __version__
@@ -72,6 +73,9 @@ class Node:
         self._tun: TunDevice | None = None
         self._link: LinkConfig | None = None
         self._tun_routes: set[ipaddress.IPv4Network] = set()
+        # pyroute2's IPRoute runs an event loop of its own, so it cannot be called from ours: every
+        # netlink call goes through this one thread, in order.
+        self._netlink = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._listeners: list[UdpListener | TcpListener] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._mgmt: MgmtServer | None = None
@@ -158,13 +162,26 @@ class Node:
             return
         own = self.config.ipv4.network if self.config.ipv4 is not None else None
         wanted = {n for n in wanted if n != own and n not in self.config.proxy_networks}
-        for net in self._tun_routes - wanted:
-            link.remove_route(net)
-            log.info("route %s via %s removed", net, self.config.dev_name)
-        for net in wanted - self._tun_routes:
-            link.add_route(net)
-            log.info("route %s via %s added (proxied by a peer)", net, self.config.dev_name)
+        gone, new = self._tun_routes - wanted, wanted - self._tun_routes
         self._tun_routes = wanted
+        if gone or new:
+            self._netlink.submit(self._apply_routes, link, gone, new)
+
+    def _apply_routes(self, link: LinkConfig, gone: set[ipaddress.IPv4Network],
+                      new: set[ipaddress.IPv4Network]) -> None:
+        dev = link.ifname
+        for net in sorted(gone):
+            try:
+                link.remove_route(net)
+                log.info("route %s via %s removed", net, dev)
+            except OSError as exc:
+                log.warning("cannot remove route %s via %s: %s", net, dev, exc)
+        for net in sorted(new):
+            try:
+                link.add_route(net)
+                log.info("route %s via %s added (proxied by a peer)", net, dev)
+            except OSError as exc:
+                log.warning("cannot add route %s via %s: %s", net, dev, exc)
 
     def _on_conflict(self, message: str) -> None:
         log.error("%s", message)
@@ -216,28 +233,41 @@ class Node:
 
     # ---- TUN --------------------------------------------------------------------------------
 
-    def _open_tun(self) -> None:
+    async def _open_tun(self) -> None:
         cfg = self.config
-        tun = TunDevice.open(cfg.dev_name)
+        try:
+            tun = TunDevice.open(cfg.dev_name)
+        except OSError as exc:
+            raise UserError(str(exc)) from exc
         self._tun = tun
-        link = LinkConfig(tun.name)
-        self._link = link
-        link.set_up(cfg.mtu)
-        if cfg.ipv4 is not None:
-            link.add_address(cfg.ipv4)
-        tun.attach(asyncio.get_running_loop(), self._on_tun_packets)
+        loop = asyncio.get_running_loop()
+
+        def configure() -> LinkConfig:
+            link = LinkConfig(tun.name)
+            link.set_up(cfg.mtu)
+            if cfg.ipv4 is not None:
+                link.add_address(cfg.ipv4)
+            return link
+
+        try:
+            self._link = await loop.run_in_executor(self._netlink, configure)
+        except OSError as exc:
+            raise UserError(f"cannot configure TUN device {tun.name}: {exc}") from exc
+        tun.attach(loop, self._on_tun_packets)
         log.info("TUN device %s up (mtu %d, %s)", tun.name, cfg.mtu, cfg.ipv4 or "no address")
 
-    def _close_tun(self) -> None:
-        if self._tun is not None:
-            self._tun.detach()
-        if self._link is not None:
-            self._link.cleanup()
-            self._link = None
-        if self._tun is not None:
-            self._tun.close()
-            log.info("TUN device %s removed", self._tun.name)
-            self._tun = None
+    async def _close_tun(self) -> None:
+        tun, link = self._tun, self._link
+        self._tun = self._link = None
+        if tun is not None:
+            tun.detach()
+        if link is not None:
+            # Routes first, while the device still exists; then the device goes with its fd.
+            await asyncio.get_running_loop().run_in_executor(self._netlink, link.cleanup)
+        if tun is not None:
+            tun.close()
+            log.info("TUN device %s removed", tun.name)
+        self._netlink.shutdown(wait=True)
 
     # ---- management -------------------------------------------------------------------------
 
@@ -300,7 +330,7 @@ class Node:
         self._mgmt = MgmtServer(self.mgmt_handlers(), host, port)
         await self._mgmt.start()
         if not cfg.no_tun:
-            self._open_tun()
+            await self._open_tun()
         for url in cfg.listeners:
             await self._start_listener(url)
         self.peers.start()
@@ -324,7 +354,7 @@ class Node:
         self.rpc.close()
         if self._mgmt is not None:
             await self._mgmt.close()
-        self._close_tun()
+        await self._close_tun()
         log.info("node %d stopped", self.peer_id)
 
 

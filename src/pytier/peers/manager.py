@@ -184,15 +184,17 @@ class PeerManager:
             self.counters["rx_malformed"] += 1
             return
         conn.last_rx = time.monotonic()
-        from_peer, to_peer, ptype, flags, fwd, _length = HEADER.unpack_from(packet)
-        if to_peer != self.my_peer_id and to_peer != 0:
-            self._forward(packet, to_peer, fwd)
-            return
+        from_peer, to_peer, ptype, flags, fwd, _rsv, _length = HEADER.unpack_from(packet)
+        # Ping and Pong belong to this link, whatever ids they carry: a Pong is the Ping sent back
+        # with only its type changed, so its to_peer names the answering side, not us.
         if ptype == _PING:
             tunnel.send(packet[:8] + bytes((_PONG,)) + packet[9:])
             return
         if ptype == _PONG:
             conn.on_pong(packet[HEADER_LEN:], conn.last_rx)
+            return
+        if to_peer != self.my_peer_id and to_peer != 0:
+            self._forward(packet, to_peer, fwd)
             return
         if ptype == _HANDSHAKE:
             self._answer_repeated_handshake(conn, packet)
