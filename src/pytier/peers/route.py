@@ -178,14 +178,17 @@ class RouteService:
         while True:
             self._wake.clear()
             now = self._clock()
-            if now >= next_sweep:
-                self._core.sweep(now)
-                next_sweep = now + timers.sweep_s
-            for out in self._core.poll(now):
-                task = asyncio.create_task(self._sync(out))
-                self._calls.add(task)
-                task.add_done_callback(self._calls.discard)
-            self._dispatch_events()
+            try:
+                if now >= next_sweep:
+                    self._core.sweep(now)
+                    next_sweep = now + timers.sweep_s
+                for out in self._core.poll(now):
+                    task = asyncio.create_task(self._sync(out))
+                    self._calls.add(task)
+                    task.add_done_callback(self._calls.discard)
+                self._dispatch_events()
+            except Exception:
+                log.exception("route sync step failed")
             delay = min(timers.tick_s, max(0.0, next_sweep - now))
             retry = self._core.next_retry(now)
             if retry is not None:
@@ -204,6 +207,9 @@ class RouteService:
             )
         except RpcCallError as exc:
             log.debug("route sync with peer %d failed: %s", out.peer_id, exc)
+            self._core.handle_sync_failure(out.peer_id, out.token, self._clock())
+        except Exception:
+            log.exception("route sync call to peer %d failed", out.peer_id)
             self._core.handle_sync_failure(out.peer_id, out.token, self._clock())
         else:
             self._core.handle_sync_response(out.peer_id, out.token, response, self._clock())
