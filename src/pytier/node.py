@@ -190,7 +190,9 @@ class Node:
     # ---- tunnels --------------------------------------------------------------------------
 
     def _on_incoming_tunnel(self, tunnel: Tunnel) -> None:
-        self.peers.add_tunnel(tunnel, f"from {tunnel.info.scheme}://{tunnel.info.remote_addr}")
+        remote = tunnel.info.remote_addr
+        self.peers.add_tunnel(tunnel, f"from {tunnel.info.scheme}://{remote}",
+                              f"from {tunnel.info.scheme}://{remote.rsplit(':', 1)[0]}")
 
     async def _start_listener(self, url: TunnelUrl) -> None:
         try:

@@ -77,14 +77,18 @@ class PeerManager:
 
     # ---- admission -------------------------------------------------------------------------
 
-    def add_tunnel(self, tunnel: Tunnel, label: str) -> asyncio.Future[PeerConn | None]:
-        """Run the handshake on a fresh tunnel; the future yields the admitted conn (or None)."""
-        task = asyncio.ensure_future(self._admit(tunnel, label))
+    def add_tunnel(self, tunnel: Tunnel, label: str, source: str = "") -> asyncio.Future[PeerConn | None]:
+        """Run the handshake on a fresh tunnel; the future yields the admitted conn (or None).
+
+        ``source`` names where the tunnel comes from for de-duplicating refusal warnings (a
+        reconnecting peer uses a new port each time); it defaults to ``label``.
+        """
+        task = asyncio.ensure_future(self._admit(tunnel, label, source or label))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _admit(self, tunnel: Tunnel, label: str) -> PeerConn | None:
+    async def _admit(self, tunnel: Tunnel, label: str, source: str) -> PeerConn | None:
         inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
         closed = asyncio.Event()
 
@@ -96,7 +100,7 @@ class PeerManager:
         try:
             peer = await run_handshake(tunnel, self.identity, closed, inbox)
         except HandshakeError as exc:
-            self._log_refusal(label, str(exc))
+            self._log_refusal(label, source, str(exc))
             tunnel.close(f"handshake failed: {exc}")
             return None
         except asyncio.CancelledError:
@@ -109,9 +113,9 @@ class PeerManager:
             self._on_tunnel_packet(tunnel, inbox.get_nowait())
         return conn
 
-    def _log_refusal(self, label: str, reason: str) -> None:
+    def _log_refusal(self, label: str, source: str, reason: str) -> None:
         # A reconnect loop retries forever; say each distinct reason once at warning level.
-        key = (label, reason)
+        key = (source, reason)
         if key in self._refusals:
             log.debug("connection %s refused again: %s", label, reason)
             return

@@ -193,8 +193,11 @@ class RouteService:
             retry = self._core.next_retry(now)
             if retry is not None:
                 delay = min(delay, retry - now)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel that lands while the
+            # event is being set (a peer going down during shutdown), and this loop would never end.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, delay))
+                async with asyncio.timeout(max(0.0, delay)):
+                    await self._wake.wait()
 
     async def _sync(self, out: OutgoingSync) -> None:
         try:
