@@ -148,7 +148,6 @@ class _Session:
     my_session_id: int
     last_activity: float
     their_session_id: int | None = None
-    they_initiate: bool = False
     infos_known: _VersionMemory = field(default_factory=_VersionMemory)
     conns_known: _VersionMemory = field(default_factory=_VersionMemory)
     in_flight: _InFlight | None = None
@@ -308,7 +307,6 @@ class RouteSync:
         req = SyncRouteInfoRequest.decode(data)
         session = self._session(from_peer, now)
         session.learn_session_id(req.my_session_id)
-        session.they_initiate = req.is_initiator
         session.last_activity = now
         if from_peer != self.my_peer_id and self._absorb(session, req, now):
             self._recompute(now)
@@ -439,7 +437,6 @@ class RouteSync:
             self._fail(session, now)
             return
         session.learn_session_id(resp.session_id)
-        session.they_initiate = resp.is_initiator
         for entry_id, version in flight.infos.items():
             session.infos_known.note(entry_id, version, now)
         for entry_id, version in flight.conns.items():

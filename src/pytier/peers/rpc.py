@@ -632,7 +632,8 @@ class PeerRpc:
     def _transmit(self, packets: list[Outgoing]) -> None:
         for out in packets:
             try:
-                self._send(out.to_peer, out.packet_type, out.payload)
+                if self._send(out.to_peer, out.packet_type, out.payload) is False:
+                    self._core.dropped["reply_no_route"] += 1
             except Exception:
                 self._core.dropped["send_failed"] += 1
                 log.exception("sending an RPC payload to peer %d failed", out.to_peer)
