@@ -11,6 +11,7 @@ and EasyTier 2.6.4 (easytier-pyo3) as the anchor. The TCP inside the tunnel uses
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pstats
 import sys
@@ -51,10 +52,8 @@ def process_tree_cpu(root: int) -> float:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         if int(task.name) == root or ppid == root:
-            try:
+            with contextlib.suppress(OSError, IndexError):
                 total += cpu_seconds(int(task.name))
-            except (OSError, IndexError):
-                pass
     return total
 
 
