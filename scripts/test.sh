@@ -3,7 +3,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
-.venv/bin/ruff check src tests bench || exit 1
+.venv/bin/ruff check src tests bench scripts || exit 1
 .venv/bin/mypy || exit 1
 .venv/bin/pytest -q -p no:cacheprovider "$@"
 rc=$?
