@@ -42,8 +42,7 @@ def test_line_ping_transfer_and_tables(testbed: Testbed) -> None:
     assert ping("10.144.144.1", count=3, interval=0.2, timeout=2, netns=nc.ns).received >= 2
 
     size = 100 * 1024 * 1024
-    sent, sha_sent, sha_received, took = tcp_transfer(testbed, na.ns, nc.ns, "10.144.144.1", size,
-                                                      timeout=180)
+    sent, sha_sent, sha_received, _ = tcp_transfer(testbed, na.ns, nc.ns, "10.144.144.1", size, timeout=180)
     assert sent == size
     assert sha_received == sha_sent
 
@@ -99,7 +98,8 @@ def test_link_with_30_percent_loss_stays_up(testbed: Testbed) -> None:
     na = PytierNode(testbed, link.a, [*NET, "--ipv4", "10.144.144.1/24", "--listeners", "udp://0.0.0.0:11010",
                                       "--peer-timeout", "10"], name="node-a").start()
     nb = PytierNode(testbed, link.b, [*NET, "--ipv4", "10.144.144.2/24", "--no-listener", "--peers",
-                                      f"udp://{link.ip_a}:11010", "--peer-timeout", "10"], name="node-b").start()
+                                      f"udp://{link.ip_a}:11010", "--peer-timeout", "10"],
+                    name="node-b").start()
     nb.wait_route("10.144.144.1", timeout=40)
     connected_at = time.monotonic()
     # Long enough for many liveness rounds at this loss rate, with a timeout shorter than the watch.

@@ -13,6 +13,9 @@ import sys
 import threading
 from typing import Any
 
+# Read-only queries a test may send; the last three are there to see what the real node thought.
+QUERIES = frozenset({"routes", "peers", "node_info", "dump_route", "management_events", "latest_error"})
+
 
 def easytier_toml(
     *,
@@ -69,7 +72,7 @@ def main() -> int:
             if cmd == "quit":
                 break
             try:
-                result: Any = getattr(node, cmd)() if cmd in {"routes", "peers", "node_info"} else None
+                result: Any = getattr(node, cmd)() if cmd in QUERIES else None
                 reply = {"ok": True, "result": result}
             except Exception as exc:
                 reply = {"ok": False, "error": str(exc)}
