@@ -1,0 +1,327 @@
+"""The TCP proxy of a node: kernel-mode interception on the source side, connect-and-pipe on the
+destination side, the choice of transport, and the entry table.
+
+Source side. A TCP SYN read from TUN toward a node that takes one of our outbound transports is
+held, not forwarded: the stream to the destination node is opened first, and only when that node
+has connected to the real destination is the SYN rewritten into our kernel listener (NAT hairpin).
+A refused or unreachable destination therefore reaches the client as a refused connection (RST),
+not as "connected, then closed" as in EasyTier. Destinations that take no transport of ours get the
+SYN as a plain packet: that is the fallback, recorded as a `Tcp` row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Any
+
+from pytier.proxy.entries import EntryState, EntryTable, ProxyEntry, TransportType
+from pytier.proxy.nat_hairpin import NatHairpin
+from pytier.proxy.pipe import ProxyStream, pipe
+from pytier.proxy.transport import ConnectRefused, Incoming, Transport
+from pytier.wire.errors import WireError
+from pytier.wire.ipv4 import Ipv4Repr
+from pytier.wire.messages import KcpConnData, RoutePeerInfo, SocketAddr
+from pytier.wire.tcp import TcpFlags, TcpRepr
+
+log = logging.getLogger("pytier.proxy")
+
+DST_CONNECT_TIMEOUT_S = 10.0
+PLAIN_FLOW_IDLE_S = 120.0
+_TCP = 6
+_SYN = 0x02
+_RST = 0x04
+_FIN = 0x01
+_ACK = 0x10
+_PORTS = struct.Struct("!HH")
+
+
+def _addr_port(ip: bytes, port: int) -> str:
+    return f"{IPv4Address(ip)}:{port}"
+
+
+class _PlainFlow:
+    __slots__ = ("entry_key", "last")
+
+    def __init__(self, entry_key: int, now: float) -> None:
+        self.entry_key = entry_key
+        self.last = now
+
+
+class ProxyService:
+    def __init__(
+        self,
+        *,
+        own: IPv4Interface,
+        write_tun: Callable[[bytes | bytearray], object],
+        peer_for_ip: Callable[[bytes], int | None],
+        peer_info: Callable[[int], RoutePeerInfo | None],
+        next_hop: Callable[[int], int | None],
+        outbound: list[Transport],
+        inbound: list[Transport],
+    ) -> None:
+        self.own = own
+        self._own_ip = own.ip.packed
+        self._write_tun = write_tun
+        self._peer_for_ip = peer_for_ip
+        self._peer_info = peer_info
+        self._next_hop = next_hop
+        self._outbound = outbound
+        self._inbound = inbound
+        self.entries = EntryTable()
+        self.nat: NatHairpin | None = None
+        self._listener: asyncio.Server | None = None
+        self._listener_port = b""
+        self._pending: set[tuple[bytes, int]] = set()
+        self._ready: dict[tuple[bytes, int], tuple[ProxyStream, int]] = {}
+        self._plain: dict[bytes, _PlainFlow] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        for transport in inbound:
+            transport.on_incoming = self._on_incoming
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._outbound:
+            self._listener = await asyncio.start_server(self._on_accept, str(self.own.ip), 0,
+                                                        reuse_address=True)
+            port = self._listener.sockets[0].getsockname()[1]
+            self._listener_port = port.to_bytes(2, "big")
+            self.nat = NatHairpin(self.own.ip, self.own.network, port)
+            log.info("TCP proxy: intercepting via %s:%d (%s)", self.own.ip, port,
+                     ", ".join(t.kind.name for t in self._outbound))
+        self._spawn(self._sweep())
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for stream, _key in self._ready.values():
+            stream.abort()
+        self._ready.clear()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            now = time.monotonic()
+            for key, flow in list(self._plain.items()):
+                if now - flow.last > PLAIN_FLOW_IDLE_S:
+                    self.entries.close(flow.entry_key)
+                    del self._plain[key]
+            if self.nat is not None:
+                self.nat.expire(now)
+
+    # ---- source side: packets read from TUN -------------------------------------------------
+
+    def choose(self, peer_id: int) -> Transport | None:
+        """The first outbound transport (KCP before QUIC) that the destination node takes."""
+        info = self._peer_info(peer_id)
+        if info is None:
+            return None
+        hop = self._next_hop(peer_id)
+        hop_info = self._peer_info(hop) if hop is not None and hop != peer_id else None
+        for transport in self._outbound:
+            if transport.accepts(info, hop_info):
+                return transport
+        return None
+
+    def on_tun_packet(self, pkt: bytes) -> bool:
+        """Take a packet read from TUN if it belongs to the proxy; False lets it go out as is."""
+        if len(pkt) < 40 or pkt[9] != _TCP:
+            return False
+        hl = (pkt[0] & 0x0F) << 2
+        nat = self.nat
+        if nat is None:
+            return False
+        flags = pkt[hl + 13]
+        if pkt[12:16] == self._own_ip and pkt[hl:hl + 2] == self._listener_port:
+            out = nat.rewrite_reply(pkt)
+            if out is not None:
+                self._write_tun(out)
+            return True
+        if flags & _SYN and not flags & _ACK:
+            return self._on_syn(pkt, hl)
+        out = nat.rewrite_inbound(pkt)
+        if out is not None:
+            self._write_tun(out)
+            return True
+        if self._plain:
+            self._track_plain(pkt, hl, flags)
+        return False
+
+    def _on_syn(self, pkt: bytes, hl: int) -> bool:
+        assert self.nat is not None
+        src, dst = pkt[12:16], pkt[16:20]
+        sport, dport = _PORTS.unpack_from(pkt, hl)
+        key = (src, sport)
+        if key in self._pending:
+            return True  # a retransmitted SYN while the destination is still being reached
+        if key in self._ready:
+            try:
+                out = self.nat.intercept_syn(pkt, time.monotonic())
+            except WireError:
+                return True
+            if out is not None:
+                self._write_tun(out)
+            return True
+        if dst == self._own_ip:
+            return False
+        peer = self._peer_for_ip(dst)
+        if peer is None:
+            return False
+        transport = self.choose(peer)
+        if transport is None:
+            self._start_plain(pkt, hl, src, sport, dst, dport, peer)
+            return False
+        self._pending.add(key)
+        entry = ProxyEntry(_addr_port(src, sport), _addr_port(dst, dport), transport.kind, peer_id=peer)
+        entry_key = self.entries.add(entry)
+        self._spawn(self._connect(bytes(pkt), key, dst, dport, peer, transport, entry, entry_key))
+        return True
+
+    async def _connect(self, syn: bytes, key: tuple[bytes, int], dst: bytes, dport: int, peer: int,
+                       transport: Transport, entry: ProxyEntry, entry_key: int) -> None:
+        conn_data = KcpConnData(
+            src=SocketAddr(IPv4Address(key[0]), key[1]), dst=SocketAddr(IPv4Address(dst), dport)
+        ).encode()
+        entry.state = EntryState.ConnectingDst
+        try:
+            stream = await transport.open(peer, conn_data)
+        except (ConnectRefused, OSError, TimeoutError) as exc:
+            self._pending.discard(key)
+            self.entries.close(entry_key)
+            log.info("proxy %s -> %s over %s: destination not reached (%s); client gets RST",
+                     entry.src, entry.dst, transport.kind.name, exc)
+            self._write_tun(_rst_for(syn))
+            return
+        except asyncio.CancelledError:
+            self._pending.discard(key)
+            raise
+        self._pending.discard(key)
+        entry.stats = stream.stats
+        self._ready[key] = (stream, entry_key)
+        assert self.nat is not None
+        try:
+            out = self.nat.intercept_syn(syn, time.monotonic())
+        except WireError:
+            out = None
+        if out is None:
+            # The hairpin could not take it (table full, port collision): give up cleanly.
+            self._ready.pop(key, None)
+            stream.abort()
+            self.entries.close(entry_key)
+            self._write_tun(_rst_for(syn))
+            return
+        self._write_tun(out)
+
+    async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nat = self.nat
+        peer_addr = writer.get_extra_info("peername")
+        client = nat.client_of(peer_addr) if nat is not None and peer_addr else None
+        ready = self._ready.pop((client[0].packed, client[1]), None) if client is not None else None
+        if ready is None or nat is None or client is None:
+            writer.close()
+            return
+        stream, entry_key = ready
+        nat.original_destination(peer_addr)
+        entry = self.entries.get(entry_key)
+        with contextlib.suppress(OSError):
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        log.info("proxy %s -> %s over %s: connected", entry.src, entry.dst, entry.transport.name)
+        try:
+            await pipe(reader, writer, stream, entry, outbound=True)
+        finally:
+            nat.close(client, time.monotonic())
+            self.entries.close(entry_key)
+            log.info("proxy %s -> %s over %s: closed (%d bytes out, %d back)", entry.src, entry.dst,
+                     entry.transport.name, entry.tx_bytes, entry.rx_bytes)
+
+    # ---- plain (fallback) flows: rows only ---------------------------------------------------
+
+    def _start_plain(self, pkt: bytes, hl: int, src: bytes, sport: int, dst: bytes, dport: int,
+                     peer: int) -> None:
+        flow_key = pkt[12:20] + pkt[hl:hl + 4]
+        if flow_key in self._plain:
+            self._plain[flow_key].last = time.monotonic()
+            return
+        entry = ProxyEntry(_addr_port(src, sport), _addr_port(dst, dport), TransportType.Tcp,
+                           state=EntryState.Connected, peer_id=peer)
+        self._plain[flow_key] = _PlainFlow(self.entries.add(entry), time.monotonic())
+
+    def _track_plain(self, pkt: bytes, hl: int, flags: int) -> None:
+        flow = self._plain.get(pkt[12:20] + pkt[hl:hl + 4])
+        if flow is None:
+            return
+        flow.last = time.monotonic()
+        if flags & (_FIN | _RST):
+            entry = self.entries.get(flow.entry_key)
+            if flags & _RST:
+                self.entries.close(flow.entry_key)
+                del self._plain[pkt[12:20] + pkt[hl:hl + 4]]
+            else:
+                entry.state = EntryState.ClosingSrc
+
+    # ---- destination side ----------------------------------------------------------------------
+
+    def _on_incoming(self, incoming: Incoming) -> None:
+        self._spawn(self._serve_incoming(incoming))
+
+    async def _serve_incoming(self, incoming: Incoming) -> None:
+        try:
+            data = KcpConnData.decode(incoming.conn_data)
+        except WireError:
+            incoming.refuse()
+            return
+        kind = getattr(incoming, "kind", TransportType.Kcp)
+        entry = ProxyEntry(f"{data.src.ip}:{data.src.port}", f"{data.dst.ip}:{data.dst.port}", kind,
+                           state=EntryState.ConnectingDst, peer_id=incoming.from_peer)
+        entry_key = self.entries.add(entry)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(str(data.dst.ip), data.dst.port), DST_CONNECT_TIMEOUT_S
+            )
+        except (OSError, TimeoutError) as exc:
+            log.info("proxy %s -> %s for peer %d: cannot connect (%s)", entry.src, entry.dst,
+                     incoming.from_peer, exc)
+            incoming.refuse()
+            self.entries.close(entry_key)
+            return
+        stream = incoming.accept()
+        entry.stats = stream.stats
+        with contextlib.suppress(OSError):
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await pipe(reader, writer, stream, entry, outbound=False)
+        finally:
+            self.entries.close(entry_key)
+
+    def peer_gone(self, peer_id: int) -> None:
+        for transport in {id(t): t for t in (*self._outbound, *self._inbound)}.values():
+            transport.peer_gone(peer_id)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return self.entries.rows()
+
+
+def _rst_for(syn: bytes) -> bytes:
+    """A RST|ACK as the destination would send it to refuse this SYN."""
+    ip = Ipv4Repr.parse(syn, verify_checksum=False)
+    tcp = TcpRepr.parse(ip.src_addr, ip.dst_addr, syn[ip.header_len:ip.total_len], verify_checksum=False)
+    reply = TcpRepr(src_port=tcp.dst_port, dst_port=tcp.src_port, seq=0, ack=(tcp.seq + 1) & 0xFFFFFFFF,
+                    flags=TcpFlags.RST | TcpFlags.ACK, window=0)
+    segment = reply.emit(ip.dst_addr, ip.src_addr)
+    return Ipv4Repr(src_addr=ip.dst_addr, dst_addr=ip.src_addr, protocol=_TCP,
+                    payload_len=len(segment)).emit(segment)
