@@ -1,0 +1,308 @@
+"""One KCP conversation: siokcp's ikcp plus pacing, bounded sends and window-update repair.
+
+Sans-IO: bodies in (`input`), bodies out (`flush`), a millisecond clock passed by the caller. The
+session knows nothing about the 14-byte proxy header or the SYN/FIN state machine (kcp_endpoint).
+
+Pitfalls of ikcp/siokcp handled here:
+* siokcp's KCPConnection is not tracked by the garbage collector, so a cycle through its output
+  callback would never be freed. The callback closes over a plain list only, and `close()` clears
+  it anyway.
+* ikcp refuses one `send` of 128 fragments or more: writes go in chunks.
+* ikcp takes RTT samples against `current`, which only `ikcp_update` sets; input sets it first.
+* A window update (WINS) that gets lost after the receive queue was full stalls the sender until
+  its first window probe, 7 s later. Received data is read before ACKs are flushed (so a reader that
+  keeps up never advertises a closed window), a receiver whose advertised window was low keeps
+  telling its window once per round trip after it reopens until new data arrives, and a sender
+  facing a zero window probes after a few round trips instead of 7 s.
+"""
+
+from __future__ import annotations
+
+from siokcp import KCPConnection
+
+from pytier.transport.kcp_config import KcpConfig
+from pytier.transport.kcp_pacer import DeliveryRatePacer
+
+IKCP_ASK_SEND = 1  # probe flag: send a window probe (WASK)
+IKCP_ASK_TELL = 2  # probe flag: tell the remote our window (WINS)
+IKCP_OVERHEAD = 24
+MASK32 = 0xFFFFFFFF
+WINDOW_TELL_LIMIT_MS = 3000  # keep re-telling a reopened window at most this long
+RTO_FLOOR_FACTOR = 1.5
+ECHO_DELAY_INTERVALS = 2
+ECHOES = 2
+ZERO_WINDOW_PROBE_MIN_MS = 50
+ZERO_WINDOW_PROBE_MAX_MS = 2000
+
+
+def _ignore_log(_message: str) -> None:
+    """siokcp's log callback cannot be cleared later, so it must not reference the session."""
+
+
+class KcpSession:
+    __slots__ = (
+        "_base_minrto",
+        "_chunk",
+        "_config",
+        "_echo_at_ms",
+        "_echoes_left",
+        "_interval_ms",
+        "_kcp",
+        "_last_flush_ms",
+        "_mss",
+        "_out",
+        "_pacer",
+        "_probe_at_ms",
+        "_probe_backoff_ms",
+        "_tell_deadline_ms",
+        "_tell_next_ms",
+        "_tell_rcv_nxt",
+        "_window_was_low",
+        "bytes_in",
+        "bytes_out",
+        "bytes_received",
+        "bytes_sent",
+        "closed",
+        "conv",
+        "dirty",
+        "packets_in",
+        "packets_out",
+    )
+
+    def __init__(self, conv: int, config: KcpConfig, now_ms: int) -> None:
+        self.conv = conv
+        self._config = config
+        out: list[bytes] = []
+        self._out = out
+
+        def emit(body: bytes) -> int:
+            out.append(body)
+            return 0
+
+        kcp = KCPConnection(conv, emit, _ignore_log)
+        kcp.nodelay(config.nodelay, config.interval_ms, config.fast_resend, 0 if config.pacing else 1)
+        # ikcp_nodelay floors the interval at 10 ms; the field itself takes any value.
+        kcp.interval = config.interval_ms
+        kcp.wndsize(config.snd_wnd, config.rcv_wnd)
+        kcp.setmtu(config.mtu)
+        kcp.stream = 1
+        kcp.fastlimit = config.fast_limit
+        kcp.update(now_ms & MASK32)  # ikcp flushes nothing before its first update
+        self._kcp: KCPConnection | None = kcp
+        self._interval_ms = config.interval_ms
+        self._base_minrto = int(kcp.rx_minrto)
+        self._mss = kcp.mss
+        self._chunk = config.max_send_chunk_segments * self._mss
+        self._pacer = DeliveryRatePacer(now_ms, burst_ms=2.0) if config.pacing else None
+        self._last_flush_ms = now_ms
+        self._window_was_low = False
+        self._echo_at_ms = -1
+        self._echoes_left = 0
+        self._tell_rcv_nxt = 0
+        self._tell_next_ms = -1
+        self._tell_deadline_ms = -1
+        self._probe_at_ms = -1
+        self._probe_backoff_ms = ZERO_WINDOW_PROBE_MIN_MS
+        self.dirty = False
+        self.closed = False
+        self.bytes_sent = 0  # accepted from the application
+        self.bytes_received = 0  # handed to the application
+        self.bytes_out = 0  # KCP bytes emitted, headers and retransmissions included
+        self.bytes_in = 0
+        self.packets_out = 0
+        self.packets_in = 0
+
+    # --- data in ------------------------------------------------------------------------------
+
+    def input(self, body: bytes | memoryview, now_ms: int) -> bool:
+        """Feed the segments of one packet body; False when ikcp rejected them."""
+        kcp = self._kcp
+        if kcp is None:
+            return False
+        kcp.current = now_ms & MASK32
+        srtt = kcp.rx_srtt
+        if srtt > 0:
+            kcp.rx_minrto = max(self._base_minrto, int(srtt * RTO_FLOOR_FACTOR) + self._interval_ms)
+        self.packets_in += 1
+        self.bytes_in += len(body)
+        self.dirty = True
+        rcv_nxt, nrcv_buf = kcp.rcv_nxt, kcp.nrcv_buf
+        ok = kcp.receive_data(body) >= 0
+        if kcp.rcv_nxt != rcv_nxt or kcp.nrcv_buf != nrcv_buf:
+            self._echo_at_ms = now_ms + ECHO_DELAY_INTERVALS * self._interval_ms
+            self._echoes_left = ECHOES
+        return bool(ok)
+
+    def read(self) -> bytes:
+        """Everything ikcp has in order, b'' when nothing."""
+        kcp = self._kcp
+        if kcp is None:
+            return b""
+        parts: list[bytes] = []
+        while True:
+            data = kcp.next_event()
+            if data is None:
+                break
+            parts.append(data)
+        if not parts:
+            return b""
+        if self._window_was_low and kcp.rcv_wnd - kcp.nrcv_que >= kcp.rcv_wnd // 2:
+            self._window_was_low = False
+            self._tell_rcv_nxt = kcp.rcv_nxt
+            self._tell_next_ms = self._last_flush_ms
+            self._tell_deadline_ms = self._last_flush_ms + WINDOW_TELL_LIMIT_MS
+            self.dirty = True
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.bytes_received += len(data)
+        return data
+
+    @property
+    def has_unread(self) -> bool:
+        kcp = self._kcp
+        return kcp is not None and (kcp.nrcv_que > 0)
+
+    # --- data out -----------------------------------------------------------------------------
+
+    def writable(self) -> int:
+        kcp = self._kcp
+        if kcp is None:
+            return 0
+        room = self._config.send_buffer_segments - kcp.nsnd_que
+        return max(0, room) * self._mss
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue as much of `data` as `writable()` allows; returns the number of bytes taken."""
+        kcp = self._kcp
+        if kcp is None:
+            return 0
+        n = min(len(data), self.writable())
+        if n <= 0:
+            return 0
+        view = memoryview(data)[:n]
+        chunk = self._chunk
+        for start in range(0, n, chunk):
+            kcp.send(view[start : start + chunk])
+        self.bytes_sent += n
+        self.dirty = True
+        return n
+
+    @property
+    def unacked(self) -> int:
+        """Segments queued or in flight; 0 once the peer acknowledged everything."""
+        kcp = self._kcp
+        return 0 if kcp is None else int(kcp.waitsnd())
+
+    # --- timing -------------------------------------------------------------------------------
+
+    def next_timer_ms(self) -> int | None:
+        """When `flush` must run next without new input or writes; None when nothing is pending."""
+        kcp = self._kcp
+        if kcp is None:
+            return None
+        due: int | None = None
+        if kcp.nsnd_buf > 0 or (kcp.nsnd_que > 0 and kcp.rmt_wnd > 0):
+            due = self._last_flush_ms + self._interval_ms
+        if self._probe_at_ms >= 0 and (due is None or self._probe_at_ms < due):
+            due = self._probe_at_ms
+        if self._tell_next_ms >= 0 and (due is None or self._tell_next_ms < due):
+            due = self._tell_next_ms
+        if self._echo_at_ms >= 0 and (due is None or self._echo_at_ms < due):
+            due = self._echo_at_ms
+        return due
+
+    def flush(self, now_ms: int) -> list[bytes]:
+        """Run ikcp's flush (ACKs, window probes, new data within pacing, retransmissions)."""
+        kcp = self._kcp
+        if kcp is None:
+            return []
+        self.dirty = False
+        self._last_flush_ms = now_ms
+        kcp.current = now_ms & MASK32
+        self._repair_windows(kcp, now_ms)
+        pacer = self._pacer
+        snd_nxt = kcp.snd_nxt
+        if pacer is not None:
+            nsnd_buf = kcp.nsnd_buf
+            allowed: int = pacer.allowance(now_ms, (snd_nxt - nsnd_buf) & MASK32, nsnd_buf, kcp.rx_srtt)
+            kcp.cwnd = ((snd_nxt - kcp.snd_una) & MASK32) + allowed
+        kcp.flush()
+        if pacer is not None:
+            new = (kcp.snd_nxt - snd_nxt) & MASK32
+            app_limited = kcp.nsnd_que == 0
+            pacer.on_flushed(new, app_limited=app_limited, window_limited=not app_limited and new < allowed)
+        if kcp.rcv_wnd - kcp.nrcv_que < kcp.rcv_wnd // 4:
+            self._window_was_low = True
+        out = self._out
+        if not out:
+            return []
+        bodies = out[:]
+        out.clear()
+        self.packets_out += len(bodies)
+        self.bytes_out += sum(map(len, bodies))
+        return bodies
+
+    def _repair_windows(self, kcp: KCPConnection, now_ms: int) -> None:
+        if 0 <= self._echo_at_ms <= now_ms:
+            kcp.probe |= IKCP_ASK_TELL
+            self._echoes_left -= 1
+            if self._echoes_left > 0:
+                self._echo_at_ms = now_ms + max(self._interval_ms, int(kcp.rx_srtt) // 2)
+            else:
+                self._echo_at_ms = -1
+        if self._tell_next_ms >= 0:
+            if kcp.rcv_nxt != self._tell_rcv_nxt or kcp.nrcv_buf > 0 or now_ms >= self._tell_deadline_ms:
+                self._tell_next_ms = -1
+            elif now_ms >= self._tell_next_ms:
+                kcp.probe |= IKCP_ASK_TELL
+                self._tell_next_ms = now_ms + max(self._interval_ms, int(kcp.rx_srtt) or 100)
+        if kcp.rmt_wnd == 0 and kcp.nsnd_que > 0:
+            if self._probe_at_ms < 0:
+                self._probe_backoff_ms = max(ZERO_WINDOW_PROBE_MIN_MS, 2 * int(kcp.rx_srtt))
+                self._probe_at_ms = now_ms + self._probe_backoff_ms
+            elif now_ms >= self._probe_at_ms:
+                kcp.probe |= IKCP_ASK_SEND
+                self._probe_backoff_ms = min(2 * self._probe_backoff_ms, ZERO_WINDOW_PROBE_MAX_MS)
+                self._probe_at_ms = now_ms + self._probe_backoff_ms
+        else:
+            self._probe_at_ms = -1
+
+    # --- teardown and figures -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release ikcp's buffers now and break the callback reference."""
+        kcp = self._kcp
+        if kcp is not None:
+            kcp.send_cb = None
+            self._kcp = None
+        self._out.clear()
+        self.closed = True
+
+    def stats(self) -> dict[str, int | float | str]:
+        kcp = self._kcp
+        figures: dict[str, int | float | str] = {
+            "conv": self.conv,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "bytes_out": self.bytes_out,
+            "bytes_in": self.bytes_in,
+            "packets_out": self.packets_out,
+            "packets_in": self.packets_in,
+        }
+        if kcp is not None:
+            figures.update(
+                srtt_ms=int(kcp.rx_srtt),
+                rttvar_ms=int(kcp.rx_rttval),
+                rto_ms=int(kcp.rx_rto),
+                retransmits=int(kcp.xmit),
+                segments_sent=int(kcp.snd_nxt),
+                in_flight=int(kcp.nsnd_buf),
+                queued=int(kcp.nsnd_que),
+                remote_window=int(kcp.rmt_wnd),
+            )
+        if self._pacer is not None:
+            figures.update(
+                pacer_mode=self._pacer.mode.value,
+                delivery_rate_bps=round(self._pacer.btlbw * 1000 * self._mss * 8),
+                min_rtt_ms=self._pacer.min_rtt_ms,
+            )
+        return figures
