@@ -22,6 +22,9 @@ from pytier.peers.handshake import Identity
 from pytier.peers.manager import PeerManager
 from pytier.peers.route import RouteService
 from pytier.peers.rpc import PeerRpc
+from pytier.proxy import kcp
+from pytier.proxy.service import ProxyService
+from pytier.proxy.transport import Transport
 from pytier.tun.device import TunDevice
 from pytier.tun.netlink import LinkConfig
 from pytier.tunnel.base import Tunnel
@@ -82,11 +85,14 @@ class Node:
         self.listener_urls: list[str] = []
         self.counters = self.peers.counters
         self._my_ip = config.ipv4.ip.packed if config.ipv4 is not None else None
+        self.proxy: ProxyService | None = None
+        self._proxy_hook: Callable[[bytes], bool] | None = None
+        self._reachable: set[int] = set()
 
     def feature_flags(self) -> PeerFeatureFlag:
-        # kcp_input / quic_input are advertised only once the acceptor sides exist: a source node
-        # would otherwise send us KCP or QUIC that nothing here can answer.
-        return PeerFeatureFlag()
+        # quic_input is advertised only once the QUIC acceptor exists: a source node would
+        # otherwise send us QUIC that nothing here can answer.
+        return PeerFeatureFlag(kcp_input=not self.config.disable_kcp_input)
 
     # ---- plumbing between the layers --------------------------------------------------------
 
@@ -114,9 +120,12 @@ class Node:
         send = self.peers.send
         lookup = self._ip_to_peer.get
         data = int(PacketType.Data)
+        hook = self._proxy_hook
         for pkt in packets:
             if len(pkt) < 20 or pkt[0] >> 4 != 4:
                 self.counters["tun_dropped_not_ipv4"] += 1
+                continue
+            if hook is not None and hook(pkt):
                 continue
             dst = pkt[16:20]
             peer = lookup(dst)
@@ -154,6 +163,11 @@ class Node:
         self._ip_to_peer = ip_map
         self._cidr_routes = [(n, m, p) for _, n, m, p in cidrs]
         self.peers.peer_hostnames = hostnames
+        reachable = self.route.reachable_peers()
+        if self.proxy is not None:
+            for gone in self._reachable - reachable:
+                self.proxy.peer_gone(gone)
+        self._reachable = reachable
         self._sync_tun_routes({ipaddress.IPv4Network((n, plen)) for plen, n, _, _ in cidrs})
 
     def _sync_tun_routes(self, wanted: set[ipaddress.IPv4Network]) -> None:
@@ -278,7 +292,7 @@ class Node:
             "peer": lambda _p: self.describe_peers(),
             "route": lambda _p: self.describe_routes(),
             "node": lambda _p: self.describe_node(),
-            "proxy": lambda _p: [],
+            "proxy": lambda _p: self.proxy.rows() if self.proxy is not None else [],
             "stats": lambda _p: dict(self.counters),
         }
 
@@ -336,6 +350,7 @@ class Node:
         for url in cfg.listeners:
             await self._start_listener(url)
         self.peers.start()
+        await self._start_proxy()
         await self.route.start()
         for url in cfg.peers:
             self._tasks.append(asyncio.ensure_future(self._keep_connected(url)))
@@ -345,7 +360,47 @@ class Node:
             ", ".join(str(u) for u in cfg.peers) or "none",
         )
 
+    async def _start_proxy(self) -> None:
+        cfg = self.config
+        outbound: list[Transport] = []
+        inbound: list[Transport] = []
+        if cfg.enable_kcp_proxy or not cfg.disable_kcp_input:
+            transport = kcp.KcpTransport(self.peer_id, self.peers.send)
+            kcp.register(transport, self.peers.register)
+            if cfg.enable_kcp_proxy:
+                outbound.append(transport)
+            if not cfg.disable_kcp_input:
+                inbound.append(transport)
+        if cfg.ipv4 is None or self._tun is None:
+            if outbound:
+                log.warning("TCP proxy: no virtual IPv4 or no TUN device, so nothing is intercepted here")
+            outbound = []
+        if not outbound and not inbound:
+            return
+        assert cfg.ipv4 is not None or not outbound
+        tun = self._tun
+        self.proxy = ProxyService(
+            own=cfg.ipv4 or ipaddress.IPv4Interface("0.0.0.0/32"),
+            write_tun=(lambda pkt: tun.write(pkt)) if tun is not None else (lambda pkt: False),
+            peer_for_ip=self._peer_for_ip,
+            peer_info=self.route.peer_info,
+            next_hop=self.route.next_hop,
+            outbound=outbound,
+            inbound=inbound,
+        )
+        await self.proxy.start()
+        if outbound:
+            self._proxy_hook = self.proxy.on_tun_packet
+
+    def _peer_for_ip(self, addr: bytes) -> int | None:
+        peer = self._ip_to_peer.get(addr)
+        if peer is None:
+            peer = self._cidr_lookup(int.from_bytes(addr, "big"))
+        return peer
+
     async def stop(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.close()
         for task in self._tasks:
             task.cancel()
         for lst in self._listeners:
