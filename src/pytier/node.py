@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import random
 import secrets
 import time
@@ -36,6 +37,9 @@ from pytier.wire.siphash import network_secret_digest
 
 log = logging.getLogger("pytier.node")
 
+# Advertise no feature flags at all, as a node that predates them does: lets tests (and users
+# checking a mixed network) see the version fallback of the proxies.
+LEGACY_ADVERTISEMENT_ENV = "PYTIER_LEGACY_ADVERTISEMENT"
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 30.0
 
@@ -92,6 +96,8 @@ class Node:
     def feature_flags(self) -> PeerFeatureFlag:
         # quic_input is advertised only once the QUIC acceptor exists: a source node would
         # otherwise send us QUIC that nothing here can answer.
+        if os.environ.get(LEGACY_ADVERTISEMENT_ENV) == "1":
+            return PeerFeatureFlag()
         return PeerFeatureFlag(kcp_input=not self.config.disable_kcp_input)
 
     # ---- plumbing between the layers --------------------------------------------------------

@@ -39,8 +39,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 class PytierNode:
     """One ``pytier-core`` process in a namespace, queried through the real ``pytier-cli``."""
 
-    def __init__(self, tb: Testbed, ns: Netns, args: Sequence[str], *, name: str) -> None:
+    def __init__(self, tb: Testbed, ns: Netns, args: Sequence[str], *, name: str,
+                 env: dict[str, str] | None = None) -> None:
         self.tb = tb
+        self.env = {**os.environ, **env} if env else None
         self.ns = ns
         self.name = name
         self.args = list(args)
@@ -54,7 +56,7 @@ class PytierNode:
     def start(self) -> PytierNode:
         argv = [*self.wrap, "--hostname", self.name, "--console-log-level", "debug", *self.args]
         with open(self.log_path, "ab") as log:
-            self.proc = self.tb.popen(self.ns, argv, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = self.tb.popen(self.ns, argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         wait_for(lambda: self._alive() and self.cli_ok("node"), 15, f"{self.name} to start")
         return self
 
