@@ -66,7 +66,8 @@ def test_kcp_through_a_relay(testbed: Testbed) -> None:
     a, b, c = testbed.netns("a"), testbed.netns("b"), testbed.netns("c")
     testbed.veth(a, b, "198.18.1.1/24", "198.18.1.2/24")
     testbed.veth(b, c, "198.18.2.2/24", "198.18.2.3/24")
-    na = PytierNode(testbed, a, [*NET, "-i", "10.144.144.1/24", "-l", "udp://0.0.0.0:11010"], name="node-a").start()
+    na = PytierNode(testbed, a, [*NET, "-i", "10.144.144.1/24", "-l", "udp://0.0.0.0:11010"],
+                    name="node-a").start()
     nb = PytierNode(testbed, b, [*NET, "-i", "10.144.144.2/24", "-l", "udp://0.0.0.0:11010", "-p",
                                  "udp://198.18.1.1:11010"], name="node-b").start()
     nc = PytierNode(testbed, c, [*NET, "-i", "10.144.144.3/24", "--no-listener", "-p", "udp://198.18.2.2:11010",
@@ -130,7 +131,7 @@ def test_200_concurrent_connections(testbed: Testbed) -> None:
 def test_disable_kcp_input_falls_back_to_plain_tcp(testbed: Testbed) -> None:
     na, nb = pair(testbed, KCP, ["--disable-kcp-input"])
     assert "kcp_input" not in next(r for r in nb.cli("route") if r["ipv4"] == "10.144.144.1")["features"]
-    sent, sha_sent, sha_received, _ = tcp_transfer(testbed, na.ns, nb.ns, "10.144.144.1", 5 * MIB)
+    _, sha_sent, sha_received, _ = tcp_transfer(testbed, na.ns, nb.ns, "10.144.144.1", 5 * MIB)
     assert sha_received == sha_sent
     assert len(rows(nb, "Tcp")) == 1 and rows(nb, "Kcp") == []
     assert na.cli("proxy") == []
@@ -139,7 +140,7 @@ def test_disable_kcp_input_falls_back_to_plain_tcp(testbed: Testbed) -> None:
 def test_node_without_feature_flags_gets_plain_tcp(testbed: Testbed) -> None:
     na, nb = pair(testbed, KCP, [], dst_env={LEGACY_ADVERTISEMENT_ENV: "1"})
     assert next(r for r in nb.cli("route") if r["ipv4"] == "10.144.144.1")["features"] == []
-    sent, sha_sent, sha_received, _ = tcp_transfer(testbed, na.ns, nb.ns, "10.144.144.1", 5 * MIB)
+    _, sha_sent, sha_received, _ = tcp_transfer(testbed, na.ns, nb.ns, "10.144.144.1", 5 * MIB)
     assert sha_received == sha_sent
     assert len(rows(nb, "Tcp")) == 1 and rows(nb, "Kcp") == []
 
@@ -167,7 +168,7 @@ def test_icmp_and_own_address_not_intercepted(testbed: Testbed) -> None:
     na, nb = pair(testbed, KCP, [])
     assert ping("10.144.144.1", count=3, interval=0.2, timeout=2, netns=nb.ns).received >= 2
     # TCP to the node's own virtual address stays local.
-    sent, sha_sent, sha_received, _ = tcp_transfer(testbed, nb.ns, nb.ns, "10.144.144.2", MIB, port=7002)
+    _, sha_sent, sha_received, _ = tcp_transfer(testbed, nb.ns, nb.ns, "10.144.144.2", MIB, port=7002)
     assert sha_received == sha_sent
     time.sleep(0.5)
     assert nb.cli("proxy") == [] and na.cli("proxy") == []
