@@ -184,9 +184,9 @@ s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(float(sys.argv[3]))
 print("listening", flush=True)
 c, _ = s.accept(); c.settimeout(float(sys.argv[3]))
-h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(1 << 16)
+h = hashlib.sha256(); n = 0; expect = int(sys.argv[4])
+while expect < 0 or n < expect:
+    b = c.recv(1 << 16 if expect < 0 else min(1 << 16, expect - n))
     if not b: break
     h.update(b); n += len(b)
 c.sendall(h.hexdigest().encode()); c.close()
@@ -200,9 +200,10 @@ c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.
 h = hashlib.sha256(); sent = 0
 while sent < total:
     chunk = rng.randbytes(min(1 << 16, total - sent)); c.sendall(chunk); h.update(chunk); sent += len(chunk)
-c.shutdown(socket.SHUT_WR)
+if sys.argv[6] == "1":
+    c.shutdown(socket.SHUT_WR)
 echo = b""
-while True:
+while len(echo) < 64:
     b = c.recv(128)
     if not b: break
     echo += b
@@ -211,17 +212,23 @@ print(sent, h.hexdigest(), echo.decode(), flush=True)
 
 
 def tcp_transfer(tb: Testbed, server_ns: Netns, client_ns: Netns, server_ip: str, nbytes: int,
-                 *, port: int = 5201, timeout: float = 120.0, seed: int = 1) -> tuple[int, str, str, float]:
+                 *, port: int = 5201, timeout: float = 120.0, seed: int = 1,
+                 half_close: bool = True) -> tuple[int, str, str, float]:
     """Send ``nbytes`` of seeded random bytes over a real TCP connection; returns
-    (bytes sent, sha256 the sender computed, sha256 the receiver computed, seconds taken)."""
-    sink = tb.popen(server_ns, [sys.executable, "-c", _SINK, server_ip, str(port), str(timeout)],
+    (bytes sent, sha256 the sender computed, sha256 the receiver computed, seconds taken).
+
+    With ``half_close`` the sender ends its half with FIN and the receiver answers after EOF (the
+    test of half-close); without, the receiver answers after ``nbytes``, for peers (EasyTier's
+    proxies) that do not carry a half-close."""
+    expect = -1 if half_close else nbytes
+    sink = tb.popen(server_ns, [sys.executable, "-c", _SINK, server_ip, str(port), str(timeout), str(expect)],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert sink.stdout is not None
     if sink.stdout.readline().strip() != "listening":
         raise RuntimeError(f"sink did not start: {sink.stderr.read() if sink.stderr else ''}")
     started = time.monotonic()
     out = client_ns.run([sys.executable, "-c", _SOURCE, server_ip, str(port), str(nbytes), str(seed),
-                         str(timeout)], timeout=timeout + 10).stdout
+                         str(timeout), "1" if half_close else "0"], timeout=timeout + 10).stdout
     took = time.monotonic() - started
     sink.wait(timeout)
     sent, sha_sent, sha_echo = str(out).split()
