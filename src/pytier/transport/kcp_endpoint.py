@@ -429,7 +429,7 @@ class KcpEndpoint:
         if flag & F_PONG:
             return
         acceptor, conv, src, dst = key
-        alive = stream is not None and stream.state is not State.TIME_WAIT and not stream.closing
+        alive = stream is not None and stream.state is not State.TIME_WAIT
         reply = (flag | F_PONG) if alive else ((flag & ~F_PING) | F_RST)
         self._emit_raw(acceptor, conv, src, dst, reply)
 
@@ -538,7 +538,8 @@ class KcpEndpoint:
             if not stream.peer_fin:
                 stream.peer_fin = True
                 self._deliver(stream)
-                self._progress(stream, now)
+                if stream.handle in self._streams:
+                    self._progress(stream, now)
         elif bits == F_SYN_ACK and stream.initiator:
             self._send_flag(stream, conv, F_ACK_DATA)
         elif not bits & F_DATA and bits != F_SYN:
@@ -833,7 +834,8 @@ class KcpEndpoint:
         return handle
 
     def _ms(self, now: float) -> int:
-        return max(0, int((now - self._epoch) * 1000.0))
+        # The epsilon keeps a timer set for an exact millisecond from reading as the one before.
+        return max(0, int((now - self._epoch) * 1000.0 + 1e-6))
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1

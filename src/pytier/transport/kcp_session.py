@@ -18,6 +18,8 @@ Pitfalls of ikcp/siokcp handled here:
 
 from __future__ import annotations
 
+import weakref
+
 from siokcp import KCPConnection
 
 from pytier.transport.kcp_config import KcpConfig
@@ -35,8 +37,17 @@ ZERO_WINDOW_PROBE_MIN_MS = 50
 ZERO_WINDOW_PROBE_MAX_MS = 2000
 
 
-def _ignore_log(_message: str) -> None:
-    """siokcp's log callback cannot be cleared later, so it must not reference the session."""
+class _LogSink:
+    """siokcp's log callback, which cannot be cleared later: it must not reference the session.
+
+    One per KCPConnection, referenced by nothing else, so a weak reference to it tells whether the
+    KCPConnection (which siokcp does not let us reference weakly) has been freed.
+    """
+
+    __slots__ = ("__weakref__",)
+
+    def __call__(self, _message: str) -> None:
+        return None
 
 
 class KcpSession:
@@ -65,6 +76,7 @@ class KcpSession:
         "closed",
         "conv",
         "dirty",
+        "kcp_alive",
         "packets_in",
         "packets_out",
     )
@@ -79,7 +91,9 @@ class KcpSession:
             out.append(body)
             return 0
 
-        kcp = KCPConnection(conv, emit, _ignore_log)
+        sink = _LogSink()
+        self.kcp_alive = weakref.ref(sink)
+        kcp = KCPConnection(conv, emit, sink)
         kcp.nodelay(config.nodelay, config.interval_ms, config.fast_resend, 0 if config.pacing else 1)
         # ikcp_nodelay floors the interval at 10 ms; the field itself takes any value.
         kcp.interval = config.interval_ms
