@@ -172,3 +172,31 @@ def test_icmp_and_own_address_not_intercepted(testbed: Testbed) -> None:
     assert sha_received == sha_sent
     time.sleep(0.5)
     assert nb.cli("proxy") == [] and na.cli("proxy") == []
+
+
+_HOLD = r"""
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+c.sendall(b"hello"); print("open", flush=True)
+t = time.monotonic()
+try:
+    print("eof" if c.recv(10) == b"" else "data", round(time.monotonic() - t, 2), flush=True)
+except OSError as e:
+    print("error", round(time.monotonic() - t, 2), flush=True)
+"""
+
+
+def test_node_going_away_closes_streams_on_the_other_side(testbed: Testbed) -> None:
+    na, nb = pair(testbed, KCP, [])
+    start_reverser(testbed, na.ns, "10.144.144.1", 7003)
+    client = testbed.popen(nb.ns, [sys.executable, "-c", _HOLD, "10.144.144.1", "7003"],
+                           stdout=subprocess.PIPE, text=True)
+    assert client.stdout is not None and client.stdout.readline().strip() == "open"
+    wait_for(lambda: [r["state"] for r in rows(na, "Kcp")] == ["Connected"], 10, "a live Kcp row on A")
+    assert nb.stop() == 0
+    started = time.monotonic()
+    wait_for(lambda: [r["state"] for r in rows(na, "Kcp")] in ([], ["Closed"]), 10, "A to close the stream")
+    assert time.monotonic() - started < 5
+    # The local client on the node that went away was told too (reset before its TUN went).
+    client.wait(10)
+    assert client.stdout.read().split()[0] in ("error", "eof")

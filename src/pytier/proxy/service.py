@@ -101,11 +101,20 @@ class ProxyService:
     async def close(self) -> None:
         if self._listener is not None:
             self._listener.close()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._listener is not None:
+            # The local clients' sockets were reset above; their RSTs still have to come out of
+            # TUN and through the hairpin before the device goes.
+            await asyncio.sleep(0.05)
         for stream, _key in self._ready.values():
             stream.abort()
         self._ready.clear()
+        # Resetting every stream now tells the other nodes at once, rather than after their timeouts.
+        for transport in {id(t): t for t in (*self._outbound, *self._inbound)}.values():
+            await transport.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -228,6 +237,10 @@ class ProxyService:
         self._write_tun(out)
 
     async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         nat = self.nat
         peer_addr = writer.get_extra_info("peername")
         client = nat.client_of(peer_addr) if nat is not None and peer_addr else None
