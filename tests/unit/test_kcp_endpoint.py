@@ -529,3 +529,16 @@ def test_conversations_between_the_same_nodes_in_both_roles() -> None:
     assert bytes(pair.b.data[hb]) == b"to B on the first"
     assert bytes(pair.a.data[incoming.handle]) == b"to A on the second"
     assert KcpFlag.DATA in KcpFlag(hdr(pair.b.wire[-1][2])[3])
+
+
+def test_data_that_is_never_acknowledged_ends_the_conversation() -> None:
+    pair = Pair(KcpConfig(dead_link=8))
+    ha, hb = pair.connect()
+    # B still answers pings (so the idle timeout never fires) but loses every data packet.
+    pair.a.drop = lambda now, ptype, payload: len(payload) > KCP_HEADER_LEN
+    pair.a.ep.send(ha, b"lost forever")
+    pair.run(30.0, stop=lambda: bool(pair.a.of(ConnectionClosed)))
+    assert [e.reason for e in pair.a.of(ConnectionClosed)] == [CloseReason.DEAD_LINK]
+    pair.run(1.0)
+    assert [e.reason for e in pair.b.of(ConnectionClosed)] == [CloseReason.RESET]
+    assert pair.b.ep.handles() == [] and hb not in pair.b.data

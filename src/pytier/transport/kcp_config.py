@@ -17,6 +17,10 @@ class KcpConfig:
     nodelay: int = 2
     fast_resend: int = 2
     fast_limit: int = 5
+    # A segment sent this many times without an acknowledgement ends the conversation (ikcp's
+    # dead_link; its default of 20 is reached at heavy loss). It catches a peer that answers pings
+    # but does not process data, which the idle timeout cannot.
+    dead_link: int = 40
     # Pace new segments at an estimate of the delivery rate (see kcp_pacer) instead of bursting a whole
     # window; False behaves like EasyTier (no congestion window at all).
     pacing: bool = True

@@ -30,6 +30,7 @@ Session rules (wire protocol notes §7.1, with pytier's improvements):
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import deque
 from collections.abc import Iterable
@@ -271,7 +272,8 @@ class KcpEndpoint:
             return
         stream.read_paused = False
         self._deliver(stream)
-        self._dirty.add(handle)
+        if handle in self._streams:
+            self._dirty.add(handle)
 
     def shutdown_write(self, handle: int) -> None:
         """Half close: FIN follows once everything queued was acknowledged."""
@@ -291,6 +293,7 @@ class KcpEndpoint:
             return
         stream.closing = True
         stream.read_paused = False
+        self._deliver(stream)  # unread data now means the peer sent what nobody will read: RST
         self.shutdown_write(handle)
 
     def abort(self, handle: int) -> None:
@@ -368,7 +371,9 @@ class KcpEndpoint:
                 self._on_open(stream, conv, flag, body, now)
         else:
             self._on_open(stream, conv, flag, body, now)
-        if stream.handle in self._streams:
+        # A conversation with new input is rescheduled when datagrams_to_send flushes it; a later
+        # last_rx only moves the idle and keepalive deadlines later, so an earlier wake is harmless.
+        if stream.handle in self._streams and stream.handle not in self._dirty:
             self._schedule(stream)
 
     def datagrams_to_send(self, now: float) -> list[Datagram]:
@@ -584,6 +589,8 @@ class KcpEndpoint:
 
     def _progress(self, stream: _Stream, now: float) -> None:
         """Send our FIN once everything is acknowledged; finish once both sides are done."""
+        if stream.handle not in self._streams:
+            return
         session = stream.session
         if (
             stream.want_fin
@@ -750,27 +757,26 @@ class KcpEndpoint:
 
     def _wake_time(self, stream: _Stream) -> float:
         cfg = self.config
-        times: list[float] = []
         state = stream.state
-        if stream.deadline >= 0:
-            times.append(stream.deadline)
+        wake = stream.deadline if stream.deadline >= 0 else math.inf
         if state is State.SYN_SENT:
-            times.extend(a.syn_at for a in stream.attempts.values())
+            for attempt in stream.attempts.values():
+                wake = min(wake, attempt.syn_at)
             if stream.hedge_at >= 0:
-                times.append(stream.hedge_at)
+                wake = min(wake, stream.hedge_at)
         elif state is not State.PENDING and state is not State.TIME_WAIT:
-            times.append(stream.last_rx + cfg.idle_timeout_s)
+            wake = min(wake, stream.last_rx + cfg.idle_timeout_s)
             if state in PINGING_STATES:
-                times.append(max(stream.last_rx, stream.last_ping) + cfg.keepalive_s)
+                wake = min(wake, max(stream.last_rx, stream.last_ping) + cfg.keepalive_s)
             if stream.synack_at >= 0 and state is State.SYN_RECEIVED:
-                times.append(stream.synack_at)
+                wake = min(wake, stream.synack_at)
             if stream.fin_at >= 0 and state is State.LOCAL_CLOSED:
-                times.append(stream.fin_at)
+                wake = min(wake, stream.fin_at)
             if stream.session is not None:
                 due = stream.session.next_timer_ms()
                 if due is not None:
-                    times.append(self._epoch + due / 1000.0)
-        return min(times) if times else -1.0
+                    wake = min(wake, self._epoch + due / 1000.0)
+        return wake if wake != math.inf else -1.0
 
     # ------------------------------------------------------------------------------------------
     # output
@@ -785,6 +791,9 @@ class KcpEndpoint:
             to_peer = stream.peer
             ptype = KCP_DST if not stream.initiator else KCP_SRC
             self._out.extend((to_peer, ptype, prefix + body) for body in bodies)
+        if session.dead:
+            self._send_flag(stream, stream.conv, F_RST)
+            self._finish(stream, CloseReason.DEAD_LINK)
 
     def _send_flag(self, stream: _Stream, conv: int, flag: int, body: bytes = b"") -> None:
         if stream.initiator:

@@ -18,6 +18,7 @@ class CloseReason(StrEnum):
     HANDSHAKE_TIMEOUT = "handshake timeout"  # accepted, but the initiator never confirmed
     ACCEPT_TIMEOUT = "accept timeout"  # the owner neither accepted nor refused in time
     IDLE_TIMEOUT = "idle timeout"  # nothing received for the idle timeout
+    DEAD_LINK = "dead link"  # data went unacknowledged through KcpConfig.dead_link retransmissions
     PEER_GONE = "peer gone"  # the owner reported the peer unreachable
     ABORTED = "aborted"  # the owner aborted, or data arrived after the owner closed
     LIMIT = "too many conversations"

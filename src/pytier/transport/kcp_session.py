@@ -101,6 +101,7 @@ class KcpSession:
         kcp.setmtu(config.mtu)
         kcp.stream = 1
         kcp.fastlimit = config.fast_limit
+        kcp.dead_link = config.dead_link
         kcp.update(now_ms & MASK32)  # ikcp flushes nothing before its first update
         self._kcp: KCPConnection | None = kcp
         self._interval_ms = config.interval_ms
@@ -199,6 +200,12 @@ class KcpSession:
         self.bytes_sent += n
         self.dirty = True
         return n
+
+    @property
+    def dead(self) -> bool:
+        """ikcp gave up: a segment reached `dead_link` transmissions."""
+        kcp = self._kcp
+        return kcp is not None and kcp.state != 0
 
     @property
     def unacked(self) -> int:
