@@ -299,8 +299,18 @@ class Node:
             "route": lambda _p: self.describe_routes(),
             "node": lambda _p: self.describe_node(),
             "proxy": lambda _p: self.proxy.rows() if self.proxy is not None else [],
-            "stats": lambda _p: dict(self.counters),
+            "stats": lambda _p: self.describe_stats(),
         }
+
+    def describe_stats(self) -> dict[str, int]:
+        stats = dict(self.counters)
+        malformed = sum(getattr(lst, "rx_malformed", 0) for lst in self._listeners)
+        malformed += sum(c.tunnel.stats.rx_malformed for conns in self.peers.conns.values() for c in conns)
+        if malformed:
+            stats["rx_malformed_datagrams"] = malformed
+        if self._tun is not None and self._tun.write_drops:
+            stats["tun_write_drops"] = self._tun.write_drops
+        return stats
 
     def describe_peers(self) -> list[dict[str, Any]]:
         rows = self.peers.describe_conns()

@@ -132,3 +132,31 @@ def test_signal_removes_tun_and_routes(testbed: Testbed, sig: int) -> None:
     assert "10.144.144.0/24" not in routes and "192.168.77.0/24" not in routes
     assert re.search(r"TUN device \S+ removed", na.log())
     assert nb.stop() == 0
+
+
+@pytest.mark.parametrize("algorithm", ["aes-256-gcm", "chacha20", "xor"])
+def test_other_encryption_algorithms(testbed: Testbed, algorithm: str) -> None:
+    a, b = testbed.netns("a"), testbed.netns("b")
+    testbed.veth(a, b, "198.18.1.1/24", "198.18.1.2/24")
+    algo = ["--encryption-algorithm", algorithm]
+    na = PytierNode(testbed, a, [*NET, *algo, "-i", "10.144.144.1/24", "-l", "tcp://0.0.0.0:11010"],
+                    name="node-a").start()
+    nb = PytierNode(testbed, b, [*NET, *algo, "-i", "10.144.144.2/24", "--no-listener", "-p",
+                                 "tcp://198.18.1.1:11010"], name="node-b").start()
+    nb.wait_route("10.144.144.1")
+    _, sha_sent, sha_received, _ = tcp_transfer(testbed, na.ns, nb.ns, "10.144.144.1", 4 * 1024 * 1024)
+    assert sha_received == sha_sent
+
+
+def test_duplicate_virtual_ip_is_reported(testbed: Testbed) -> None:
+    a, b = testbed.netns("a"), testbed.netns("b")
+    testbed.veth(a, b, "198.18.1.1/24", "198.18.1.2/24")
+    na = PytierNode(testbed, a, [*NET, "-i", "10.144.144.1/24", "-l", "udp://0.0.0.0:11010"],
+                    name="node-a").start()
+    nb = PytierNode(testbed, b, [*NET, "-i", "10.144.144.1/24", "--no-listener", "-p",
+                                 "udp://198.18.1.1:11010"], name="node-b").start()
+    for node in (na, nb):
+        wait_for(lambda n=node: "10.144.144.1" in n.log() and "ERROR" in n.log(), 20,
+                 f"{node.name} to report the conflict")
+        line = next(ln for ln in node.log().splitlines() if "ERROR" in ln)
+        assert "10.144.144.1" in line and "node-a" in line and "node-b" in line, line

@@ -39,6 +39,13 @@ def setup_logging(level: str, stream: TextIO | None = None) -> None:
     library_level = logging.NOTSET if level == "trace" else max(logging.INFO, root.level)
     for name in _CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(library_level)
+    # pyroute2 sets levels on its own child loggers, so the levels above are not enough.
+    prefixes = tuple(f"{name}." for name in _CHATTY_LIBRARIES)
+
+    def quiet_libraries(record: logging.LogRecord) -> bool:
+        return record.levelno >= library_level or not record.name.startswith(prefixes)
+
+    handler.addFilter(quiet_libraries)
 
 
 def _new_runner() -> asyncio.Runner:
