@@ -57,6 +57,7 @@ class DeliveryRatePacer:
         "_full_bw",
         "_full_bw_rounds",
         "_last_ms",
+        "_max_gap_ms",
         "_min_rtt_ms",
         "_min_rtt_stamp",
         "_queue_standing",
@@ -71,11 +72,12 @@ class DeliveryRatePacer:
         "mode",
     )
 
-    def __init__(self, now_ms: int, *, burst_ms: float) -> None:
+    def __init__(self, now_ms: int, *, burst_ms: float, max_gap_ms: float) -> None:
         self.mode = PacerMode.STARTUP
         self.btlbw = 0.0  # segments per ms
         self._bw_samples: deque[tuple[int, float]] = deque()
         self._burst_ms = burst_ms
+        self._max_gap_ms = max_gap_ms
         self._cycle = 0
         self._full_bw = 0.0
         self._full_bw_rounds = 0
@@ -130,8 +132,9 @@ class DeliveryRatePacer:
         self._last_ms = now_ms
         rate = self.rate()
         if elapsed > 0:
-            # Credit covers the gap since the last flush, never a longer idle or blocked period.
-            burst = rate * max(float(elapsed), self._burst_ms)
+            # Credit covers the gap since the last flush (timer-driven flushes come once per
+            # interval), never a longer idle or blocked period.
+            burst = rate * max(float(min(elapsed, self._max_gap_ms)), self._burst_ms)
             self._tokens = min(self._tokens + rate * elapsed, max(burst, MIN_BURST))
         if self.btlbw > 0.0 and self._min_rtt_ms > 0.0:
             gain = STARTUP_GAIN if self.mode is PacerMode.STARTUP else INFLIGHT_GAIN

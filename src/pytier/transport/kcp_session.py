@@ -31,6 +31,7 @@ IKCP_OVERHEAD = 24
 MASK32 = 0xFFFFFFFF
 WINDOW_TELL_LIMIT_MS = 3000  # keep re-telling a reopened window at most this long
 RTO_FLOOR_FACTOR = 1.5
+PACING_BURST_MS = 2.0
 ECHO_DELAY_INTERVALS = 2
 ECHOES = 2
 ZERO_WINDOW_PROBE_MIN_MS = 50
@@ -108,7 +109,11 @@ class KcpSession:
         self._base_minrto = int(kcp.rx_minrto)
         self._mss = kcp.mss
         self._chunk = config.max_send_chunk_segments * self._mss
-        self._pacer = DeliveryRatePacer(now_ms, burst_ms=2.0) if config.pacing else None
+        self._pacer = (
+            DeliveryRatePacer(now_ms, burst_ms=PACING_BURST_MS, max_gap_ms=config.interval_ms)
+            if config.pacing
+            else None
+        )
         self._last_flush_ms = now_ms
         self._window_was_low = False
         self._echo_at_ms = -1
