@@ -102,7 +102,7 @@ def test_run_link_jumps_over_idle_time() -> None:
         get_timer=count_timer,
         handle_timer=lambda now: None,
     )
-    b = SansIoNode(
+    b: SansIoNode[str] = SansIoNode(
         receive=lambda item, now: got.append((now, item)),
         transmit=lambda now: [],
         get_timer=lambda: None,
@@ -276,12 +276,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--loss", default="0,0.01,0.05,0.1,0.2")
-    parser.add_argument("--easytier", action="store_true", help="EasyTier's parameters: no pacing, wnd 1024")
+    parser.add_argument("--interval", type=int, default=KcpConfig().interval_ms, help="ikcp interval, ms")
+    parser.add_argument(
+        "--easytier",
+        action="store_true",
+        help="EasyTier's ikcp parameters: no pacing, windows 1024, nodelay 1",
+    )
     args = parser.parse_args()
     config = (
-        KcpConfig(pacing=False, snd_wnd=1024, rcv_wnd=1024, nodelay=1, send_buffer_segments=2048)
+        KcpConfig(pacing=False, snd_wnd=1024, rcv_wnd=1024, nodelay=1, interval_ms=args.interval)
         if args.easytier
-        else KcpConfig()
+        else KcpConfig(interval_ms=args.interval)
     )
     print(
         f"link: 20 ms one way, 100 Mbit/s, 50 ms drop-tail queue, 88 B overhead; {args.seconds:g} s per run"

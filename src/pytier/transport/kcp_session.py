@@ -14,6 +14,8 @@ Pitfalls of ikcp/siokcp handled here:
   keeps up never advertises a closed window), a receiver whose advertised window was low keeps
   telling its window once per round trip after it reopens until new data arrives, and a sender
   facing a zero window probes after a few round trips instead of 7 s.
+* ikcp is driven by `flush` only (after input, after writes, and at `next_timer_ms`), never by
+  `ikcp_update`'s own 10 ms grid, so ACKs leave as soon as the owner sends its datagrams.
 """
 
 from __future__ import annotations
@@ -27,11 +29,16 @@ from pytier.transport.kcp_pacer import DeliveryRatePacer
 
 IKCP_ASK_SEND = 1  # probe flag: send a window probe (WASK)
 IKCP_ASK_TELL = 2  # probe flag: tell the remote our window (WINS)
-IKCP_OVERHEAD = 24
 MASK32 = 0xFFFFFFFF
 WINDOW_TELL_LIMIT_MS = 3000  # keep re-telling a reopened window at most this long
+# ikcp's RTO is srtt + max(interval, 4 x rttvar): barely above the RTT on a steady path, so a queue
+# of a few ms (the pacer's probing makes one on purpose) fires spurious timeouts for a whole window.
+# The floor keeps it at 1.5 x srtt + interval.
 RTO_FLOOR_FACTOR = 1.5
 PACING_BURST_MS = 2.0
+# When data stops arriving, tell the window (and with it una) again this many times, the first
+# ECHO_DELAY_INTERVALS intervals after the last arrival: a sender whose window is stuck on one
+# segment learns from it that the segment arrived even if that one ACK was lost.
 ECHO_DELAY_INTERVALS = 2
 ECHOES = 2
 ZERO_WINDOW_PROBE_MIN_MS = 50
@@ -74,9 +81,7 @@ class KcpSession:
         "bytes_out",
         "bytes_received",
         "bytes_sent",
-        "closed",
         "conv",
-        "dirty",
         "kcp_alive",
         "packets_in",
         "packets_out",
@@ -123,8 +128,6 @@ class KcpSession:
         self._tell_deadline_ms = -1
         self._probe_at_ms = -1
         self._probe_backoff_ms = ZERO_WINDOW_PROBE_MIN_MS
-        self.dirty = False
-        self.closed = False
         self.bytes_sent = 0  # accepted from the application
         self.bytes_received = 0  # handed to the application
         self.bytes_out = 0  # KCP bytes emitted, headers and retransmissions included
@@ -145,7 +148,6 @@ class KcpSession:
             kcp.rx_minrto = max(self._base_minrto, int(srtt * RTO_FLOOR_FACTOR) + self._interval_ms)
         self.packets_in += 1
         self.bytes_in += len(body)
-        self.dirty = True
         rcv_nxt, nrcv_buf = kcp.rcv_nxt, kcp.nrcv_buf
         ok = kcp.receive_data(body) >= 0
         if kcp.rcv_nxt != rcv_nxt or kcp.nrcv_buf != nrcv_buf:
@@ -171,7 +173,6 @@ class KcpSession:
             self._tell_rcv_nxt = kcp.rcv_nxt
             self._tell_next_ms = self._last_flush_ms
             self._tell_deadline_ms = self._last_flush_ms + WINDOW_TELL_LIMIT_MS
-            self.dirty = True
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.bytes_received += len(data)
         return data
@@ -203,7 +204,6 @@ class KcpSession:
         for start in range(0, n, chunk):
             kcp.send(view[start : start + chunk])
         self.bytes_sent += n
-        self.dirty = True
         return n
 
     @property
@@ -241,7 +241,6 @@ class KcpSession:
         kcp = self._kcp
         if kcp is None:
             return []
-        self.dirty = False
         self._last_flush_ms = now_ms
         kcp.current = now_ms & MASK32
         self._repair_windows(kcp, now_ms)
@@ -301,7 +300,6 @@ class KcpSession:
             kcp.send_cb = None
             self._kcp = None
         self._out.clear()
-        self.closed = True
 
     def stats(self) -> dict[str, int | float | str]:
         kcp = self._kcp
