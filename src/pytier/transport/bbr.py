@@ -1,0 +1,338 @@
+"""BBR v1 congestion control (draft-cardwell-iccrg-bbr-congestion-control-00), sans-IO.
+
+The controller sees three things: a packet leaving (`on_send`, which returns the delivery-rate
+snapshot the caller keeps with the packet), a packet acknowledged (`on_ack`, with that snapshot) and
+packets declared lost (`on_loss`). From those it keeps the two numbers of its path model, the
+bottleneck bandwidth (windowed maximum of delivery-rate samples over 10 rounds) and the round-trip
+propagation time (windowed minimum over 10 s), and derives the pacing rate and the congestion window
+from them with the gains of its state machine: STARTUP (2.885 until the bandwidth stops growing by
+25% for 3 rounds), DRAIN (the inverse gain, until the queue it built is gone), PROBE_BW (the 8-phase
+cycle 1.25, 0.75, 1 x 6) and PROBE_RTT (cwnd of 4 packets for 200 ms when the minimum RTT is 10 s old).
+
+Delivery rate follows draft-cheng-iccrg-delivery-rate-estimation: each packet remembers how much had
+been delivered, and when, at its send time; its acknowledgement gives delivered-bytes over the longer
+of the send and ack intervals. Samples taken while the sender had nothing to send (`on_app_limited`)
+only raise the estimate, never lower it.
+
+Loss does not lower the model: on a path that drops packets at random that is what lets BBR keep its
+rate. The draft's packet conservation during loss recovery is available (`loss_conservation=True`) for
+paths whose losses mean congestion; pytier's QUIC proxy runs without it, as quinn's BBR does.
+
+Units: bytes, seconds, bytes per second. Time is whatever clock the caller passes in.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+
+HIGH_GAIN = 2.885  # 2 / ln 2: doubles the delivery rate every round in STARTUP
+DRAIN_GAIN = 1.0 / HIGH_GAIN
+CWND_GAIN = 2.0
+PACING_GAIN_CYCLE = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+BTLBW_FILTER_ROUNDS = 10
+RTPROP_FILTER_S = 10.0
+PROBE_RTT_DURATION_S = 0.200
+FULL_BW_GROWTH = 1.25
+FULL_BW_ROUNDS = 3
+MIN_PIPE_PACKETS = 4
+INITIAL_CWND_PACKETS = 32
+INITIAL_RTT_S = 0.100  # before the first RTT sample
+_START_PHASES = tuple(i for i, g in enumerate(PACING_GAIN_CYCLE) if g >= 1.0)
+
+
+class BbrState(Enum):
+    STARTUP = "startup"
+    DRAIN = "drain"
+    PROBE_BW = "probe_bw"
+    PROBE_RTT = "probe_rtt"
+
+
+@dataclass(slots=True)
+class SentState:
+    """What a packet remembers from its send time, for the delivery-rate sample of its ack."""
+
+    size: int
+    sent_time: float
+    delivered: int
+    delivered_time: float
+    first_sent_time: float
+    is_app_limited: bool
+
+
+class _MaxFilter:
+    """Windowed maximum over the last `window` rounds (monotonic deque of (round, value))."""
+
+    __slots__ = ("_samples", "_window")
+
+    def __init__(self, window: int) -> None:
+        self._window = window
+        self._samples: deque[tuple[int, float]] = deque()
+
+    def update(self, value: float, round_count: int) -> None:
+        samples = self._samples
+        while samples and samples[-1][1] <= value:
+            samples.pop()
+        samples.append((round_count, value))
+        while samples[0][0] <= round_count - self._window:
+            samples.popleft()
+
+    def expire(self, round_count: int) -> None:
+        samples = self._samples
+        while len(samples) > 1 and samples[0][0] <= round_count - self._window:
+            samples.popleft()
+
+    @property
+    def best(self) -> float:
+        return self._samples[0][1] if self._samples else 0.0
+
+
+class Bbr:
+    """One connection's BBR state."""
+
+    def __init__(self, *, mss: int = 1200, now: float = 0.0, loss_conservation: bool = False,
+                 initial_cwnd_packets: int = INITIAL_CWND_PACKETS, rng: random.Random | None = None) -> None:
+        self.mss = mss
+        self.loss_conservation = loss_conservation
+        self._rng = rng if rng is not None else random.Random()
+        self.state = BbrState.STARTUP
+        self.pacing_gain = HIGH_GAIN
+        self.cwnd_gain = HIGH_GAIN
+        self.initial_cwnd = initial_cwnd_packets * mss
+        self.cwnd = self.initial_cwnd
+        self.bytes_in_flight = 0
+        self.pacing_rate = HIGH_GAIN * self.initial_cwnd / INITIAL_RTT_S
+        self._btlbw = _MaxFilter(BTLBW_FILTER_ROUNDS)
+        self.rtprop = float("inf")
+        self._rtprop_stamp = now
+        self._rtprop_expired = False
+        # delivery-rate estimation
+        self.delivered = 0
+        self._delivered_time = now
+        self._first_sent_time = now
+        self._app_limited_until = 0  # 0: not app-limited; else the `delivered` mark that ends it
+        # rounds
+        self.round_count = 0
+        self._next_round_delivered = 0
+        self._round_start = False
+        # startup exit
+        self.filled_pipe = False
+        self._full_bw = 0.0
+        self._full_bw_count = 0
+        # probe_bw
+        self._cycle_index = 0
+        self._cycle_stamp = now
+        self._losses_in_round = False
+        # probe_rtt
+        self._probe_rtt_done_stamp: float | None = None
+        self._probe_rtt_round_done = False
+        self._prior_cwnd = 0
+        # loss recovery (only with loss_conservation)
+        self._in_recovery = False
+        self._recovery_end_delivered = 0
+        # statistics
+        self.lost_packets = 0
+        self.lost_bytes = 0
+
+    # ---- model ----------------------------------------------------------------------------------
+
+    @property
+    def btlbw(self) -> float:
+        """Bottleneck bandwidth estimate, bytes per second (0 before the first sample)."""
+        return self._btlbw.best
+
+    def bdp(self, gain: float = 1.0) -> float:
+        if self.rtprop == float("inf") or self.btlbw == 0.0:
+            return float(self.initial_cwnd)
+        return gain * self.btlbw * self.rtprop
+
+    def _target_cwnd(self, gain: float) -> int:
+        # Three send quanta on top, so that delayed and stretched ACKs do not starve the pipe.
+        return int(self.bdp(gain)) + 3 * self.mss
+
+    # ---- events ---------------------------------------------------------------------------------
+
+    def on_send(self, now: float, size: int) -> SentState:
+        if self.bytes_in_flight == 0:
+            self._first_sent_time = now
+            self._delivered_time = now
+        self.bytes_in_flight += size
+        return SentState(size, now, self.delivered, self._delivered_time, self._first_sent_time,
+                         self._app_limited_until != 0)
+
+    def on_app_limited(self) -> None:
+        """The sender had nothing more to send although the window and the pacer allowed it."""
+        self._app_limited_until = (self.delivered + self.bytes_in_flight) or 1
+
+    def on_ack(self, now: float, packet: SentState, rtt: float | None = None) -> None:
+        """One packet acknowledged; `rtt` is an RTT sample taken with this acknowledgement, if any."""
+        self.bytes_in_flight = max(0, self.bytes_in_flight - packet.size)
+        self.delivered += packet.size
+        self._delivered_time = now
+        if self._app_limited_until and self.delivered > self._app_limited_until:
+            self._app_limited_until = 0
+        # the rate sample carried by this packet
+        send_elapsed = packet.sent_time - packet.first_sent_time
+        ack_elapsed = now - packet.delivered_time
+        self._first_sent_time = packet.sent_time
+        interval = send_elapsed if send_elapsed > ack_elapsed else ack_elapsed
+        rate = 0.0
+        if interval > 0.0 and (self.rtprop == float("inf") or interval >= self.rtprop):
+            rate = (self.delivered - packet.delivered) / interval
+        # round counting
+        if packet.delivered >= self._next_round_delivered:
+            self._next_round_delivered = self.delivered
+            self.round_count += 1
+            self._round_start = True
+        else:
+            self._round_start = False
+        if rate > 0.0 and (rate >= self.btlbw or not packet.is_app_limited):
+            self._btlbw.update(rate, self.round_count)
+        elif self._round_start:
+            self._btlbw.expire(self.round_count)
+        if self._in_recovery and self.delivered >= self._recovery_end_delivered:
+            self._in_recovery = False
+            self.cwnd = max(self.cwnd, self._prior_cwnd)
+        self._update_rtprop(now, rtt)
+        self._check_cycle_phase(now, packet.size)
+        self._check_full_pipe(packet.is_app_limited)
+        self._check_drain(now)
+        self._check_probe_rtt(now)
+        self._set_pacing_rate()
+        self._set_cwnd(packet.size)
+        if self._round_start:
+            self._losses_in_round = False
+
+    def on_loss(self, now: float, packets: list[SentState]) -> None:
+        lost = 0
+        for p in packets:
+            lost += p.size
+        self.bytes_in_flight = max(0, self.bytes_in_flight - lost)
+        self.lost_packets += len(packets)
+        self.lost_bytes += lost
+        self._losses_in_round = True
+        if self.loss_conservation and lost:
+            if not self._in_recovery:
+                self._in_recovery = True
+                self._prior_cwnd = self._save_cwnd()
+                self._recovery_end_delivered = self.delivered + self.bytes_in_flight
+                self.cwnd = self.bytes_in_flight + self.mss
+            else:
+                self.cwnd = max(self.cwnd - lost, self.mss)
+
+    def on_forget(self, packets: list[SentState]) -> None:
+        """Packets that left the books without being acknowledged or lost (a discarded packet space)."""
+        for p in packets:
+            self.bytes_in_flight = max(0, self.bytes_in_flight - p.size)
+
+    def on_persistent_congestion(self) -> None:
+        """Every packet over a long stretch was lost: start again from a small window, keep the model."""
+        self._prior_cwnd = self._save_cwnd()
+        self.cwnd = MIN_PIPE_PACKETS * self.mss
+
+    # ---- the state machine (section names of the draft) -------------------------------------------
+
+    def _update_rtprop(self, now: float, rtt: float | None) -> None:
+        self._rtprop_expired = now > self._rtprop_stamp + RTPROP_FILTER_S
+        if rtt is not None and rtt > 0.0 and (rtt <= self.rtprop or self._rtprop_expired):
+            self.rtprop = rtt
+            self._rtprop_stamp = now
+
+    def _enter_probe_bw(self, now: float) -> None:
+        self.state = BbrState.PROBE_BW
+        self.cwnd_gain = CWND_GAIN
+        # any phase but the draining one, so that a new flow does not start by slowing down
+        self._cycle_index = self._rng.choice(_START_PHASES)
+        self.pacing_gain = PACING_GAIN_CYCLE[self._cycle_index]
+        self._cycle_stamp = now
+
+    def _check_cycle_phase(self, now: float, acked: int) -> None:
+        if self.state is not BbrState.PROBE_BW:
+            return
+        full_length = now - self._cycle_stamp > self.rtprop
+        prior_inflight = self.bytes_in_flight + acked
+        gain = self.pacing_gain
+        if gain == 1.0:
+            advance = full_length
+        elif gain > 1.0:
+            advance = full_length and (self._losses_in_round or prior_inflight >= self.bdp(gain))
+        else:
+            advance = full_length or prior_inflight <= self.bdp()
+        if advance:
+            self._cycle_index = (self._cycle_index + 1) % len(PACING_GAIN_CYCLE)
+            self._cycle_stamp = now
+            self.pacing_gain = PACING_GAIN_CYCLE[self._cycle_index]
+
+    def _check_full_pipe(self, app_limited: bool) -> None:
+        if self.filled_pipe or not self._round_start or app_limited:
+            return
+        if self.btlbw >= self._full_bw * FULL_BW_GROWTH:
+            self._full_bw = self.btlbw
+            self._full_bw_count = 0
+            return
+        self._full_bw_count += 1
+        if self._full_bw_count >= FULL_BW_ROUNDS:
+            self.filled_pipe = True
+
+    def _check_drain(self, now: float) -> None:
+        if self.state is BbrState.STARTUP and self.filled_pipe:
+            self.state = BbrState.DRAIN
+            self.pacing_gain = DRAIN_GAIN
+            self.cwnd_gain = HIGH_GAIN
+        if self.state is BbrState.DRAIN and self.bytes_in_flight <= self.bdp():
+            self._enter_probe_bw(now)
+
+    def _check_probe_rtt(self, now: float) -> None:
+        if self.state is not BbrState.PROBE_RTT and self._rtprop_expired:
+            self.state = BbrState.PROBE_RTT
+            self.pacing_gain = 1.0
+            self.cwnd_gain = 1.0
+            self._prior_cwnd = self._save_cwnd()
+            self._probe_rtt_done_stamp = None
+        if self.state is BbrState.PROBE_RTT:
+            self._handle_probe_rtt(now)
+
+    def _handle_probe_rtt(self, now: float) -> None:
+        if self._probe_rtt_done_stamp is None and self.bytes_in_flight <= MIN_PIPE_PACKETS * self.mss:
+            self._probe_rtt_done_stamp = now + PROBE_RTT_DURATION_S
+            self._probe_rtt_round_done = False
+            self._next_round_delivered = self.delivered
+        elif self._probe_rtt_done_stamp is not None:
+            if self._round_start:
+                self._probe_rtt_round_done = True
+            if self._probe_rtt_round_done and now > self._probe_rtt_done_stamp:
+                self._rtprop_stamp = now
+                self._rtprop_expired = False
+                self.cwnd = max(self.cwnd, self._prior_cwnd)
+                if self.filled_pipe:
+                    self._enter_probe_bw(now)
+                else:
+                    self.state = BbrState.STARTUP
+                    self.pacing_gain = HIGH_GAIN
+                    self.cwnd_gain = HIGH_GAIN
+
+    def _save_cwnd(self) -> int:
+        if not self._in_recovery and self.state is not BbrState.PROBE_RTT:
+            return self.cwnd
+        return max(self._prior_cwnd, self.cwnd)
+
+    def _set_pacing_rate(self) -> None:
+        if self.btlbw == 0.0:
+            return
+        rate = self.pacing_gain * self.btlbw
+        if self.filled_pipe or rate > self.pacing_rate:
+            self.pacing_rate = rate
+
+    def _set_cwnd(self, acked: int) -> None:
+        target = self._target_cwnd(self.cwnd_gain)
+        if self._in_recovery:
+            self.cwnd = max(self.cwnd, self.bytes_in_flight + acked)
+        elif self.filled_pipe:
+            self.cwnd = min(self.cwnd + acked, target)
+        elif self.cwnd < target or self.delivered < self.initial_cwnd:
+            self.cwnd += acked
+        self.cwnd = max(self.cwnd, MIN_PIPE_PACKETS * self.mss)
+        if self.state is BbrState.PROBE_RTT:
+            self.cwnd = min(self.cwnd, MIN_PIPE_PACKETS * self.mss)

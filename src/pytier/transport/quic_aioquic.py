@@ -1,0 +1,451 @@
+"""aioquic 1.7.2 turned into EasyTier's QUIC: every aioquic internal pytier touches is in this module.
+
+EasyTier's QUIC proxy runs quinn with a null crypto provider, which aioquic does not have. What this
+module changes, and the aioquic internals each change leans on (tests/unit/test_quic_aioquic.py
+fails loudly if an upgrade moves any of them):
+
+* Packet protection: `NullCryptoPair` stands in for `aioquic.quic.crypto.CryptoPair` in
+  `QuicConnection._cryptos` / `_cryptos_initial`: an 8-byte SeaHash tag (quic_null_crypto) instead
+  of AEAD, no header protection, no key derivation; the packet builder sizes packets from its
+  `aead_tag_size`.
+* Handshake: `RawParamsTls` replaces the `tls.Context` in `QuicConnection.tls`. The CRYPTO streams
+  carry raw transport parameters, and the epochs advance as quinn drives them (§7.2): the client
+  sends its parameters in Initial; the server answers in Handshake space and installs all its keys;
+  the client's handshake completes when it has the server's parameters; the server's when the first
+  Handshake or 1-RTT packet proves the client got them (`_payload_received`). Both call aioquic's own
+  callbacks (`alpn_cb` to parse the peer's parameters, `update_traffic_key_cb` to "install" keys).
+* Transport parameters: our own codec (quic_params) replaces `_serialize_transport_parameters`,
+  so that a client sends no stateless-reset token and no version information, and both sides
+  announce max_udp_payload_size 1200, 255 bidirectional streams and no unidirectional ones.
+* Flow control: aioquic doubles a stream's receive window whenever half is used, whatever the
+  application has read; `_write_stream_limits` instead grants credit up to what was consumed plus a
+  fixed window, so a slow TCP writer on the far side slows the sender down.
+* Congestion control: BBR (pytier.transport.bbr) registered as "pytier-bbr" with aioquic's registry,
+  and `BbrPacer` in place of `QuicPacketRecovery._pacer`, so datagrams leave at BBR's pacing rate.
+* The fixed bit: we never advertise grease_quic_bit, so a quinn peer keeps it set and aioquic's
+  header parser (which requires it) accepts every packet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from aioquic import tls
+from aioquic.buffer import Buffer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.congestion.base import QuicCongestionControl, register_congestion_control
+from aioquic.quic.connection import (
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    QuicConnection,
+    QuicReceiveContext,
+)
+from aioquic.quic.crypto import CryptoError, KeyUnavailableError
+from aioquic.quic.packet import QuicFrameType, QuicProtocolVersion, decode_packet_number
+from aioquic.quic.packet_builder import QuicPacketBuilder, QuicSentPacket
+from aioquic.quic.recovery import QuicPacketSpace
+
+from pytier.transport import quic_null_crypto
+from pytier.transport.bbr import Bbr, SentState
+from pytier.transport.quic_params import TransportParams
+from pytier.wire.errors import WireError
+
+CONGESTION_CONTROL = "pytier-bbr"
+MAX_UDP_PAYLOAD = 1200
+CONNECTION_ID_LENGTH = 8
+MAX_STREAMS_BIDI = 255
+# Connection-level credit is effectively unlimited, as quinn's; the per-stream window does the work.
+CONNECTION_MAX_DATA = 1 << 60
+ACK_DELAY_EXPONENT = 3
+MAX_ACK_DELAY_MS = 25
+
+
+# ---- packet protection ------------------------------------------------------------------------
+
+
+class _NullKey:
+    """One direction of a NullCryptoPair: only "installed or not" (there is no key)."""
+
+    __slots__ = ("_setup_cb", "_teardown_cb", "_valid", "key_phase")
+
+    def __init__(self, valid: bool = False) -> None:
+        self._valid = valid
+        self.key_phase = 0
+        self._setup_cb: Callable[[str], None] = _ignore
+        self._teardown_cb: Callable[[str], None] = _ignore
+
+    def is_valid(self) -> bool:
+        return self._valid
+
+    def setup(self, *, cipher_suite: object = None, secret: bytes = b"", version: int = 0) -> None:
+        self._valid = True
+
+    def teardown(self) -> None:
+        self._valid = False
+
+
+def _ignore(_trigger: str) -> None:
+    return None
+
+
+class NullCryptoPair:
+    """Duck-types aioquic's CryptoPair with quinn's null crypto: tag instead of AEAD, no header
+    protection; key updates change nothing (the key phase bit is ignored and always sent as 0)."""
+
+    aead_tag_size = quic_null_crypto.TAG_SIZE
+    key_phase = 0
+
+    def __init__(self, valid: bool = False) -> None:
+        self.recv = _NullKey(valid)
+        self.send = _NullKey(valid)
+
+    def decrypt_packet(self, packet: bytes, encrypted_offset: int,
+                       expected_packet_number: int) -> tuple[bytes, bytes, int]:
+        if not self.recv.is_valid():
+            raise KeyUnavailableError("no keys for this packet space yet")
+        try:
+            header, payload, truncated = quic_null_crypto.unprotect(packet, encrypted_offset)
+        except WireError as exc:
+            raise CryptoError(str(exc)) from exc
+        pn_bits = ((packet[0] & 0x03) + 1) * 8
+        return header, payload, decode_packet_number(truncated, pn_bits, expected_packet_number)
+
+    def encrypt_packet(self, plain_header: bytes, plain_payload: bytes, packet_number: int) -> bytes:
+        return quic_null_crypto.protect(plain_header, plain_payload)
+
+    def setup_initial(self, cid: bytes, is_client: bool, version: int) -> None:
+        self.recv.setup()
+        self.send.setup()
+
+    def teardown(self) -> None:
+        self.recv.teardown()
+        self.send.teardown()
+
+    def update_key(self) -> None:
+        return None
+
+
+# ---- the handshake ------------------------------------------------------------------------------
+
+
+class RawParamsTls:
+    """Stands in for aioquic's tls.Context: the CRYPTO stream carries raw transport parameters."""
+
+    def __init__(self, *, is_client: bool, local_params: bytes, alpn_cb: Callable[[Any], None],
+                 update_traffic_key_cb: Callable[..., None]) -> None:
+        self.is_client = is_client
+        self.state = tls.State.CLIENT_HANDSHAKE_START if is_client else tls.State.SERVER_EXPECT_CLIENT_HELLO
+        self.local_params = local_params
+        self.peer_params: TransportParams | None = None
+        self.received_extensions: list[tuple[int, bytes]] = []
+        self.handshake_extensions: list[tuple[int, bytes]] = []
+        self.alpn_negotiated: str | None = None
+        self.early_data_accepted = False
+        self.session_resumed = False
+        self.legacy_session_id = b""
+        self.client_random = b""
+        self.alpn_cb = alpn_cb
+        self.update_traffic_key_cb = update_traffic_key_cb
+
+    def _install(self, epoch: tls.Epoch, *directions: tls.Direction) -> None:
+        for direction in directions:
+            self.update_traffic_key_cb(direction, epoch, tls.CipherSuite.AES_128_GCM_SHA256, b"")
+
+    def handle_message(self, input_data: bytes, output_buf: dict[tls.Epoch, Buffer]) -> None:
+        if self.state is tls.State.CLIENT_HANDSHAKE_START:
+            output_buf[tls.Epoch.INITIAL].push_bytes(self.local_params)
+            # The server's parameters arrive in Handshake space.
+            self._install(tls.Epoch.HANDSHAKE, tls.Direction.DECRYPT)
+            self.state = tls.State.CLIENT_EXPECT_SERVER_HELLO
+            return
+        if not input_data:
+            return
+        if self.state is tls.State.CLIENT_EXPECT_SERVER_HELLO:
+            self._take_peer_params(input_data)
+            self._install(tls.Epoch.HANDSHAKE, tls.Direction.ENCRYPT)
+            self._install(tls.Epoch.ONE_RTT, tls.Direction.ENCRYPT, tls.Direction.DECRYPT)
+            self.state = tls.State.CLIENT_POST_HANDSHAKE
+        elif self.state is tls.State.SERVER_EXPECT_CLIENT_HELLO:
+            self._take_peer_params(input_data)
+            output_buf[tls.Epoch.HANDSHAKE].push_bytes(self.local_params)
+            self._install(tls.Epoch.HANDSHAKE, tls.Direction.ENCRYPT, tls.Direction.DECRYPT)
+            self._install(tls.Epoch.ONE_RTT, tls.Direction.ENCRYPT, tls.Direction.DECRYPT)
+            self.state = tls.State.SERVER_EXPECT_FINISHED
+        # Anything later on a CRYPTO stream (quinn sends nothing more) is ignored.
+
+    def _take_peer_params(self, data: bytes) -> None:
+        try:
+            self.peer_params = TransportParams.decode(data)
+        except WireError as exc:
+            raise tls.AlertDecodeError(f"transport parameters: {exc}") from exc
+        self.received_extensions = [(tls.ExtensionType.QUIC_TRANSPORT_PARAMETERS, bytes(data))]
+        self.alpn_cb(None)
+
+
+# ---- congestion control -------------------------------------------------------------------------
+
+
+class BbrCongestionControl(QuicCongestionControl):
+    """aioquic's congestion-control interface over pytier.transport.bbr."""
+
+    def __init__(self, *, max_datagram_size: int) -> None:
+        super().__init__(max_datagram_size=max_datagram_size)
+        self.bbr = Bbr(mss=max_datagram_size)
+        self._sent: dict[int, SentState] = {}
+        self._rtt: float | None = None
+        self.congestion_window = self.bbr.cwnd
+        self.bytes_in_flight = 0
+
+    def on_packet_sent(self, *, packet: QuicSentPacket) -> None:
+        assert packet.sent_time is not None
+        self._sent[id(packet)] = self.bbr.on_send(packet.sent_time, packet.sent_bytes)
+        self.bytes_in_flight = self.bbr.bytes_in_flight
+
+    def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
+        state = self._sent.pop(id(packet), None)
+        if state is None:
+            return
+        self.bbr.on_ack(now, state, now - state.sent_time)
+        self.congestion_window = self.bbr.cwnd
+        self.bytes_in_flight = self.bbr.bytes_in_flight
+
+    def on_packets_expired(self, *, packets: Iterable[QuicSentPacket]) -> None:
+        self.bbr.on_forget(self._take(packets))
+        self.bytes_in_flight = self.bbr.bytes_in_flight
+
+    def on_packets_lost(self, *, now: float, packets: Iterable[QuicSentPacket]) -> None:
+        self.bbr.on_loss(now, self._take(packets))
+        self.congestion_window = self.bbr.cwnd
+        self.bytes_in_flight = self.bbr.bytes_in_flight
+
+    def on_persistent_congestion(self) -> None:
+        self.bbr.on_persistent_congestion()
+        self.congestion_window = self.bbr.cwnd
+
+    def on_rtt_measurement(self, *, now: float, rtt: float) -> None:
+        return None
+
+    def _take(self, packets: Iterable[QuicSentPacket]) -> list[SentState]:
+        out = []
+        for packet in packets:
+            state = self._sent.pop(id(packet), None)
+            if state is not None:
+                out.append(state)
+        return out
+
+    def get_log_data(self) -> dict[str, Any]:
+        bbr = self.bbr
+        return {"cwnd": bbr.cwnd, "bytes_in_flight": bbr.bytes_in_flight, "state": bbr.state.value,
+                "btlbw": bbr.btlbw, "pacing_rate": bbr.pacing_rate}
+
+
+register_congestion_control(CONGESTION_CONTROL, BbrCongestionControl)
+
+
+class BbrPacer:
+    """Token bucket at BBR's pacing rate, in place of aioquic's cwnd/srtt pacer.
+
+    A send may go when a full datagram's worth of credit is there; credit accrues at the pacing rate
+    up to `burst_s` of it, which is what the event loop's timer granularity needs (a packet every
+    96 µs at 100 Mbit/s cannot be timed one by one)."""
+
+    def __init__(self, bbr: Bbr, *, max_datagram_size: int, burst_s: float = 0.002) -> None:
+        self._bbr = bbr
+        self._size = max_datagram_size
+        self._burst_s = burst_s
+        self._tokens = float(2 * max_datagram_size)
+        self._last: float | None = None
+
+    def _refill(self, now: float) -> float:
+        rate = self._bbr.pacing_rate
+        if self._last is not None and now > self._last:
+            cap = max(2.0 * self._size, rate * self._burst_s)
+            self._tokens = min(self._tokens + (now - self._last) * rate, cap)
+        if self._last is None or now > self._last:
+            self._last = now
+        return rate
+
+    def next_send_time(self, now: float) -> float | None:
+        rate = self._refill(now)
+        if self._tokens >= self._size:
+            return None
+        return now + (self._size - self._tokens) / rate
+
+    def update_after_send(self, now: float) -> None:
+        self._refill(now)
+        self._tokens -= self._size
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        return None
+
+
+# ---- the connection -----------------------------------------------------------------------------
+
+
+def make_configuration(*, is_client: bool, idle_timeout_s: float = 30.0, stream_window: int = 4 << 20,
+                       initial_rtt_s: float = 0.1) -> QuicConfiguration:
+    config = QuicConfiguration(
+        is_client=is_client,
+        congestion_control_algorithm=CONGESTION_CONTROL,
+        connection_id_length=CONNECTION_ID_LENGTH,
+        idle_timeout=idle_timeout_s,
+        max_datagram_size=MAX_UDP_PAYLOAD,
+        max_data=CONNECTION_MAX_DATA,
+        max_stream_data=stream_window,
+        supported_versions=[QuicProtocolVersion.VERSION_1],
+        initial_rtt=initial_rtt_s,
+    )
+    if not is_client:
+        # aioquic insists on these for a server; the null handshake never looks at them.
+        config.certificate = "null-crypto"
+        config.private_key = "null-crypto"
+    return config
+
+
+class NullCryptoQuicConnection(QuicConnection):
+    """A QuicConnection that speaks EasyTier's null-crypto QUIC (see the module docstring)."""
+
+    def __init__(self, *, configuration: QuicConfiguration,
+                 original_destination_connection_id: bytes | None = None) -> None:
+        super().__init__(configuration=configuration,
+                         original_destination_connection_id=original_destination_connection_id)
+        self._local_max_streams_bidi.value = self._local_max_streams_bidi.sent = MAX_STREAMS_BIDI
+        self._local_max_streams_uni.value = self._local_max_streams_uni.sent = 0
+        self._stream_window = configuration.max_stream_data
+        self._consumed: dict[int, int] = {}
+        cc = self._loss._cc
+        assert isinstance(cc, BbrCongestionControl)
+        self.congestion: BbrCongestionControl = cc
+        self._loss._pacer = BbrPacer(  # type: ignore[assignment]
+            cc.bbr, max_datagram_size=configuration.max_datagram_size)
+
+    # -- the parts of aioquic replaced ------------------------------------------------------------
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        self.tls = RawParamsTls(  # type: ignore[assignment]
+            is_client=self._is_client,
+            local_params=self._serialize_transport_parameters(),
+            alpn_cb=self._alpn_handler,
+            update_traffic_key_cb=self._update_traffic_key,
+        )
+        initial = NullCryptoPair(valid=True)
+        self._cryptos_initial = {self._version: initial}  # type: ignore[dict-item]
+        self._cryptos = {epoch: NullCryptoPair()  # type: ignore[misc]
+                         for epoch in (tls.Epoch.ZERO_RTT, tls.Epoch.HANDSHAKE, tls.Epoch.ONE_RTT)}
+        self._cryptos[tls.Epoch.INITIAL] = initial  # type: ignore[assignment]
+
+    def _serialize_transport_parameters(self) -> bytes:
+        window = self._local_max_stream_data_bidi_local
+        params = TransportParams(
+            max_idle_timeout_ms=int(self._configuration.idle_timeout * 1000),
+            max_udp_payload_size=MAX_UDP_PAYLOAD,
+            initial_max_data=self._local_max_data.value,
+            initial_max_stream_data_bidi_local=window,
+            initial_max_stream_data_bidi_remote=self._local_max_stream_data_bidi_remote,
+            initial_max_stream_data_uni=self._local_max_stream_data_uni,
+            initial_max_streams_bidi=MAX_STREAMS_BIDI,
+            initial_max_streams_uni=0,
+            ack_delay_exponent=self._local_ack_delay_exponent,
+            max_ack_delay_ms=MAX_ACK_DELAY_MS,
+            active_connection_id_limit=self._local_active_connection_id_limit,
+            initial_source_connection_id=self._local_initial_source_connection_id,
+        )
+        if not self._is_client:
+            params.original_destination_connection_id = self._original_destination_connection_id
+            params.stateless_reset_token = self._host_cids[0].stateless_reset_token
+        return params.encode()
+
+    def _payload_received(self, context: QuicReceiveContext, plain: bytes,
+                          crypto_frame_required: bool = False) -> tuple[bool, bool]:
+        if (
+            not self._is_client
+            and not self._handshake_complete
+            and context.epoch in (tls.Epoch.HANDSHAKE, tls.Epoch.ONE_RTT)
+            and self.tls.state is tls.State.SERVER_EXPECT_FINISHED
+        ):
+            self._complete_server_handshake()
+        return super()._payload_received(context, plain, crypto_frame_required=crypto_frame_required)
+
+    def _complete_server_handshake(self) -> None:
+        """What aioquic does when its TLS server sees the client's Finished (see _handle_crypto_frame);
+        here the client's first Handshake or 1-RTT packet plays that part."""
+        from aioquic.quic import events
+
+        self.tls.state = tls.State.SERVER_POST_HANDSHAKE
+        self._handshake_complete = True
+        self._confirm_handshake()
+        self._handshake_done_pending = True
+        self._replenish_connection_ids()
+        self._events.append(events.HandshakeCompleted(alpn_protocol=None, early_data_accepted=False,
+                                                      session_resumed=False))
+        self._unblock_streams(is_unidirectional=False)
+        self._unblock_streams(is_unidirectional=True)
+
+    def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: Any) -> None:
+        if not stream.max_stream_data_local:
+            return
+        window = self._stream_window
+        wanted = self._consumed.get(stream.stream_id, 0) + window
+        # Batch the updates: a new limit only once a quarter of the window has been read.
+        if wanted - stream.max_stream_data_local >= window // 4:
+            stream.max_stream_data_local = wanted
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(QuicFrameType.MAX_STREAM_DATA, capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                                      handler=self._on_max_stream_data_delivery, handler_args=(stream,))
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    # -- what the endpoint asks of a connection ----------------------------------------------------
+
+    @property
+    def handshake_complete(self) -> bool:
+        return bool(self._handshake_complete)
+
+    @property
+    def closed(self) -> bool:
+        from aioquic.quic.connection import END_STATES
+
+        return self._state in END_STATES
+
+    @property
+    def peer_params(self) -> TransportParams | None:
+        tls_ctx = self.tls
+        return tls_ctx.peer_params if isinstance(tls_ctx, RawParamsTls) else None
+
+    def owns_cid(self, cid: bytes) -> bool:
+        """Whether `cid` is one of our connection IDs (or the client's first destination CID)."""
+        if cid == self._original_destination_connection_id:
+            return True
+        return any(c.cid == cid for c in self._host_cids)
+
+    def consume(self, stream_id: int, nbytes: int) -> None:
+        """The application read `nbytes` more of a stream: credit the peer with as much again."""
+        self._consumed[stream_id] = self._consumed.get(stream_id, 0) + nbytes
+
+    def forget_stream(self, stream_id: int) -> None:
+        self._consumed.pop(stream_id, None)
+
+    def unacked_bytes(self, stream_id: int) -> int:
+        """Bytes written to a stream and not acknowledged yet (what its send buffer holds)."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    def stream_known(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    def note_app_limited(self) -> None:
+        """Called after datagrams_to_send: if neither the window nor the pacer stopped the sender,
+        it ran out of data, and the bandwidth samples of the packets now leaving are app-limited."""
+        bbr = self.congestion.bbr
+        if self._pacing_at is None and bbr.bytes_in_flight + bbr.mss <= bbr.cwnd:
+            bbr.on_app_limited()
+
+    @property
+    def smoothed_rtt(self) -> float | None:
+        loss = self._loss
+        return loss._rtt_smoothed if loss._rtt_initialized else None
