@@ -23,7 +23,7 @@ from pytier.peers.handshake import Identity
 from pytier.peers.manager import PeerManager
 from pytier.peers.route import RouteService
 from pytier.peers.rpc import PeerRpc
-from pytier.proxy import kcp
+from pytier.proxy import kcp, quic
 from pytier.proxy.service import ProxyService
 from pytier.proxy.transport import Transport
 from pytier.tun.device import TunDevice
@@ -94,11 +94,10 @@ class Node:
         self._reachable: set[int] = set()
 
     def feature_flags(self) -> PeerFeatureFlag:
-        # quic_input is advertised only once the QUIC acceptor exists: a source node would
-        # otherwise send us QUIC that nothing here can answer.
         if os.environ.get(LEGACY_ADVERTISEMENT_ENV) == "1":
             return PeerFeatureFlag()
-        return PeerFeatureFlag(kcp_input=not self.config.disable_kcp_input)
+        return PeerFeatureFlag(kcp_input=not self.config.disable_kcp_input,
+                               quic_input=not self.config.disable_quic_input)
 
     # ---- plumbing between the layers --------------------------------------------------------
 
@@ -387,6 +386,15 @@ class Node:
                 outbound.append(transport)
             if not cfg.disable_kcp_input:
                 inbound.append(transport)
+        # After KCP: the first outbound transport the destination takes wins, so KCP has precedence
+        # and QUIC carries only toward nodes that disabled KCP input.
+        if cfg.enable_quic_proxy or not cfg.disable_quic_input:
+            quic_transport = quic.QuicTransport(self.peer_id, self.peers.send)
+            quic.register(quic_transport, self.peers.register)
+            if cfg.enable_quic_proxy:
+                outbound.append(quic_transport)
+            if not cfg.disable_quic_input:
+                inbound.append(quic_transport)
         if cfg.ipv4 is None or self._tun is None:
             if outbound:
                 log.warning("TCP proxy: no virtual IPv4 or no TUN device, so nothing is intercepted here")

@@ -124,7 +124,8 @@ def main() -> None:
         each = ", ".join(f"{r.goodput_mbit:.1f}" for r in runs)
         cpu = sum(r.cpu_s for r in runs) / mb * 1000
         print(f"loss {loss:4.0%}: goodput median {median:5.1f} Mbit/s ({each});"
-              f" CPU {cpu:.0f} ms/MB both ends; lost {[r.lost for r in runs]}; final state {[r.state for r in runs]}")
+              f" CPU {cpu:.0f} ms/MB both ends; lost {[r.lost for r in runs]};"
+              f" final state {[r.state for r in runs]}")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,11 @@ def proxy_table(result: Any) -> Table:
          cell(r.get("retrans"))]
         for r in _rows(result)
     ]
+    # QUIC rows carry their connection's BBR model; the columns appear only when some row has one.
+    if any("bbr_state" in r for r in result):
+        headers += ["bbr", "bw(Mbit/s)"]
+        for row, r in zip(rows, result, strict=True):
+            row += [cell(r.get("bbr_state")), fixed(r.get("bw_mbit"), 1)]
     return headers, rows
 
 

@@ -1,0 +1,285 @@
+"""The asyncio shell around QuicEndpoint: peer packets in and out, timers on the pacer's schedule, and
+one stream object per proxied connection for the proxy to pipe through.
+
+Datagrams leave only when the endpoint hands them out, and the endpoint's QUIC connections hand out
+no more than BBR's pacer allows; when the pacer holds some back, the endpoint's timer says when the
+next may go, and the shell wakes up then. So what leaves the node is paced, in bursts of at most a
+couple of milliseconds' worth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from pytier.proxy.entries import TransportType
+from pytier.proxy.transport import ConnectRefused, Incoming
+from pytier.transport.quic_endpoint import (
+    IncomingStream,
+    QuicEndpoint,
+    QuicSettings,
+    StreamClosed,
+    StreamData,
+    StreamFinished,
+    StreamOpened,
+)
+from pytier.wire.messages import RoutePeerInfo
+from pytier.wire.peer_header import PacketType
+
+# Bytes written to a stream and not yet acknowledged before `drain()` waits.
+WRITE_BUFFER_HIGH = 4 << 20
+SendFn = Callable[[int, int, bytes], object]
+
+
+class QuicStream:
+    """One proxied connection's byte stream over QUIC (the proxy's ProxyStream)."""
+
+    def __init__(self, transport: QuicTransport, handle: int) -> None:
+        self._t = transport
+        self.handle = handle
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._closed_reason: str | None = None
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._final_stats: dict[str, Any] = {}
+
+    # ---- events from the endpoint -----------------------------------------------------------
+
+    def _on_data(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._readable.set()
+
+    def _on_finished(self) -> None:
+        self._eof = True
+        self._readable.set()
+
+    def _on_closed(self, reason: str) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = reason
+        self._eof = True
+        self._readable.set()
+        self._writable.set()
+
+    def _check_writable(self) -> None:
+        if self._t.endpoint.unacked(self.handle) < WRITE_BUFFER_HIGH:
+            self._writable.set()
+
+    # ---- ProxyStream --------------------------------------------------------------------------
+
+    async def read(self) -> bytes:
+        while not self._chunks:
+            if self._eof:
+                if self._closed_reason is not None:
+                    raise ConnectionResetError(f"QUIC stream closed: {self._closed_reason}")
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data = self._chunks.popleft()
+        # Credit the peer only for what the TCP side has taken: a slow writer slows the sender.
+        self._t.endpoint.consume(self.handle, len(data))
+        self._t.kick()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self._closed_reason is not None:
+            raise ConnectionResetError(f"QUIC stream closed: {self._closed_reason}")
+        self._t.endpoint.send(self.handle, data)
+        self._t.kick()
+
+    async def drain(self) -> None:
+        while self._t.endpoint.unacked(self.handle) >= WRITE_BUFFER_HIGH:
+            if self._closed_reason is not None:
+                raise ConnectionResetError(f"QUIC stream closed: {self._closed_reason}")
+            self._writable.clear()
+            self._t.blocked.add(self)
+            await self._writable.wait()
+        if self._closed_reason is not None:
+            raise ConnectionResetError(f"QUIC stream closed: {self._closed_reason}")
+
+    def write_eof(self) -> None:
+        if self._closed_reason is None:
+            self._t.endpoint.shutdown_write(self.handle)
+            self._t.kick()
+
+    def abort(self) -> None:
+        if self._closed_reason is None:
+            self._final_stats = self.stats()
+            self._closed_reason = "aborted"
+            self._t.endpoint.abort(self.handle)
+            self._t.streams.pop(self.handle, None)
+            self._t.kick()
+
+    def close(self) -> None:
+        if self._closed_reason is None:
+            self._final_stats = self.stats()
+            self._closed_reason = "closed"
+            self._t.endpoint.close(self.handle)
+            self._t.streams.pop(self.handle, None)
+            self._t.kick()
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            return self._t.endpoint.stats(self.handle)
+        except KeyError:
+            return self._final_stats
+
+
+class _QuicIncoming:
+    kind = TransportType.Quic
+
+    def __init__(self, transport: QuicTransport, event: IncomingStream) -> None:
+        self._t = transport
+        self.handle = event.handle
+        self.from_peer = event.from_peer
+        self.conn_data = event.conn_data
+
+    def accept(self) -> QuicStream:
+        stream = QuicStream(self._t, self.handle)
+        self._t.streams[self.handle] = stream
+        self._t.endpoint.accept(self.handle)
+        self._t.kick()
+        return stream
+
+    def refuse(self) -> None:
+        self._t.endpoint.refuse(self.handle)
+        self._t.kick()
+
+
+class QuicTransport:
+    kind = TransportType.Quic
+
+    def __init__(self, my_peer_id: int, send: SendFn, settings: QuicSettings | None = None) -> None:
+        self.endpoint = QuicEndpoint(my_peer_id, settings)
+        self._send = send
+        self.streams: dict[int, QuicStream] = {}
+        self.blocked: set[QuicStream] = set()
+        self._opening: dict[int, asyncio.Future[None]] = {}
+        self.on_incoming: Callable[[Incoming], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._kick_scheduled = False
+        self._loop = asyncio.get_running_loop()
+
+    def accepts(self, dst: RoutePeerInfo, next_hop: RoutePeerInfo | None) -> bool:
+        if not dst.feature_flag.quic_input:
+            return False
+        return next_hop is None or not next_hop.feature_flag.no_relay_quic
+
+    def on_packet(self, from_peer: int, packet_type: int, payload: bytes) -> None:
+        self.endpoint.receive(from_peer, packet_type, payload, time.monotonic())
+        self.kick()
+
+    async def open(self, peer_id: int, conn_data: bytes) -> QuicStream:
+        handle = self.endpoint.open(peer_id, conn_data, time.monotonic())
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._opening[handle] = fut
+        stream = QuicStream(self, handle)
+        self.streams[handle] = stream
+        self._pump()
+        try:
+            await fut
+        except BaseException:
+            self.streams.pop(handle, None)
+            self.endpoint.abort(handle)
+            self.kick()
+            raise
+        finally:
+            self._opening.pop(handle, None)
+        return stream
+
+    def peer_gone(self, peer_id: int) -> None:
+        self.endpoint.peer_gone(peer_id, time.monotonic())
+        self.kick()
+
+    async def close(self) -> None:
+        self.endpoint.close_all(time.monotonic())
+        self._pump()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # ---- the pump --------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Run the endpoint soon, once, after the current burst of callbacks."""
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._kick_scheduled = False
+        ep = self.endpoint
+        now = time.monotonic()
+        when = ep.get_timer()
+        if when is not None and when <= now:
+            ep.handle_timer(now)
+        self._dispatch_all()
+        send = self._send
+        for to_peer, packet_type, payload in ep.datagrams_to_send(now):
+            send(to_peer, packet_type, payload)
+        self._dispatch_all()
+        if self.blocked:
+            for stream in list(self.blocked):
+                stream._check_writable()
+                if stream._writable.is_set():
+                    self.blocked.discard(stream)
+        self._arm()
+
+    def _arm(self) -> None:
+        when = self.endpoint.get_timer()
+        if when == self._timer_at and self._timer is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None:
+            delay = max(0.0, when - time.monotonic())
+            self._timer = self._loop.call_at(self._loop.time() + delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._pump()
+
+    def _dispatch_all(self) -> None:
+        ep = self.endpoint
+        while (ev := ep.next_event()) is not None:
+            if isinstance(ev, StreamData):
+                stream = self.streams.get(ev.handle)
+                if stream is not None:
+                    stream._on_data(ev.data)
+            elif isinstance(ev, StreamFinished):
+                stream = self.streams.get(ev.handle)
+                if stream is not None:
+                    stream._on_finished()
+            elif isinstance(ev, StreamOpened):
+                fut = self._opening.get(ev.handle)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            elif isinstance(ev, StreamClosed):
+                stream = self.streams.pop(ev.handle, None)
+                if stream is not None:
+                    stream._on_closed(ev.reason)
+                    self.blocked.discard(stream)
+                fut = self._opening.get(ev.handle)
+                if fut is not None and not fut.done():
+                    fut.set_exception(ConnectRefused(ev.reason))
+            elif isinstance(ev, IncomingStream):
+                if self.on_incoming is None:
+                    ep.refuse(ev.handle)
+                else:
+                    self.on_incoming(_QuicIncoming(self, ev))
+
+
+def register(transport: QuicTransport, register_handler: Callable[[PacketType, Callable[[int, bytes], None]],
+                                                                   None]) -> None:
+    """Route QuicSrc/QuicDst peer packets addressed to this node into the transport."""
+    register_handler(PacketType.QuicSrc, lambda peer, payload: transport.on_packet(peer, PacketType.QuicSrc,
+                                                                                  payload))
+    register_handler(PacketType.QuicDst, lambda peer, payload: transport.on_packet(peer, PacketType.QuicDst,
+                                                                                  payload))
