@@ -255,6 +255,17 @@ def test_goodput_floor_at_10_percent_loss() -> None:
     assert bulk_goodput(0.1, seconds=10.0) >= 40.0
 
 
+def test_parallel_bulk_conversations_share_the_path_fairly() -> None:
+    t = Transfer(LinkParams(loss=0.05), seed=4)
+    flows = [Flow(up=bytes(200_000_000), down=b"") for _ in range(6)]
+    for i, flow in enumerate(flows):
+        t.open(flow, 30000 + i)
+    t.run(6.0)
+    got = [len(f.got_up) for f in flows]
+    assert min(got) / max(got) > 0.7
+    assert sum(got) * 8 / 6.0 / 1e6 >= 40.0
+
+
 def test_two_hundred_concurrent_conversations_all_complete() -> None:
     rng = random.Random(5)
     t = Transfer(LinkParams(loss=0.05), seed=9)

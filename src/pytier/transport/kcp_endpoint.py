@@ -47,6 +47,7 @@ from pytier.transport.kcp_events import (
     KcpEvent,
     PeerFinished,
 )
+from pytier.transport.kcp_pacer import PathRate
 from pytier.transport.kcp_session import KcpSession
 from pytier.wire.errors import WireError
 from pytier.wire.kcp_header import KCP_HEADER_LEN, KcpFlag, pack_kcp_header, unpack_kcp_header
@@ -191,6 +192,7 @@ class KcpEndpoint:
         self._events: deque[KcpEvent] = deque()
         self._out: list[Datagram] = []
         self._dirty: set[int] = set()
+        self._paths: dict[int, PathRate] = {}  # pacing state per peer, shared by its conversations
         self._timers: list[tuple[float, int, int]] = []
         self._timer_seq = 0
         self.counters: dict[str, int] = {}
@@ -225,7 +227,7 @@ class KcpEndpoint:
         stream.accepted_at = now
         stream.deadline = now + self.config.handshake_timeout_s
         stream.last_rx = stream.last_ping = now
-        stream.session = KcpSession(stream.conv, self.config, self._ms(now))
+        stream.session = self._new_session(stream, now)
         self._send_flag(stream, stream.conv, F_SYN_ACK)
         stream.synack_backoff = self.config.synack_retransmit_s
         stream.synack_at = now + stream.synack_backoff
@@ -573,7 +575,7 @@ class KcpEndpoint:
         stream.deadline = -1.0
         stream.hedge_at = -1.0
         stream.last_ping = now
-        stream.session = KcpSession(conv, self.config, self._ms(now))
+        stream.session = self._new_session(stream, now)
         self._send_flag(stream, conv, F_ACK_DATA)
         self._events.append(Connected(stream.handle))
 
@@ -661,10 +663,20 @@ class KcpEndpoint:
             del self._hedge_index[hedge_key]
         stream.wake = -1.0
 
+    def _new_session(self, stream: _Stream, now: float) -> KcpSession:
+        ms = self._ms(now)
+        path = self._paths.get(stream.peer)
+        if path is None and self.config.pacing:
+            path = self._paths[stream.peer] = PathRate(ms)
+        return KcpSession(stream.conv, self.config, ms, path=path, flow_id=stream.handle)
+
     def _release_session(self, stream: _Stream) -> None:
         if stream.session is not None:
             stream.session.close()
             stream.session = None
+            path = self._paths.get(stream.peer)
+            if path is not None and path.flows <= 0:
+                del self._paths[stream.peer]
 
     def _final_stats(self, stream: _Stream) -> dict[str, int | float | str]:
         figures: dict[str, int | float | str] = {"peer": stream.peer, "initiator": int(stream.initiator)}

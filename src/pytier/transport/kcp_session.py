@@ -25,7 +25,7 @@ import weakref
 from siokcp import KCPConnection
 
 from pytier.transport.kcp_config import KcpConfig
-from pytier.transport.kcp_pacer import DeliveryRatePacer
+from pytier.transport.kcp_pacer import FlowPacer, PathRate
 
 IKCP_ASK_SEND = 1  # probe flag: send a window probe (WASK)
 IKCP_ASK_TELL = 2  # probe flag: tell the remote our window (WINS)
@@ -87,7 +87,11 @@ class KcpSession:
         "packets_out",
     )
 
-    def __init__(self, conv: int, config: KcpConfig, now_ms: int) -> None:
+    def __init__(
+        self, conv: int, config: KcpConfig, now_ms: int, *, path: PathRate | None = None, flow_id: int = 0
+    ) -> None:
+        """`path` is the pacing state shared with the other conversations to the same peer (a
+        private one when None); `flow_id` names this conversation in it."""
         self.conv = conv
         self._config = config
         out: list[bytes] = []
@@ -114,11 +118,15 @@ class KcpSession:
         self._base_minrto = int(kcp.rx_minrto)
         self._mss = kcp.mss
         self._chunk = config.max_send_chunk_segments * self._mss
-        self._pacer = (
-            DeliveryRatePacer(now_ms, burst_ms=PACING_BURST_MS, max_gap_ms=config.interval_ms)
-            if config.pacing
-            else None
-        )
+        self._pacer: FlowPacer | None = None
+        if config.pacing:
+            self._pacer = FlowPacer(
+                path or PathRate(now_ms),
+                flow_id,
+                now_ms,
+                burst_ms=PACING_BURST_MS,
+                max_gap_ms=config.interval_ms,
+            )
         self._last_flush_ms = now_ms
         self._window_was_low = False
         self._echo_at_ms = -1
@@ -248,13 +256,13 @@ class KcpSession:
         snd_nxt = kcp.snd_nxt
         if pacer is not None:
             nsnd_buf = kcp.nsnd_buf
-            allowed: int = pacer.allowance(now_ms, (snd_nxt - nsnd_buf) & MASK32, nsnd_buf, kcp.rx_srtt)
-            kcp.cwnd = ((snd_nxt - kcp.snd_una) & MASK32) + allowed
+            span = (snd_nxt - kcp.snd_una) & MASK32
+            eligible = kcp.nsnd_que > 0 and span < min(kcp.snd_wnd, kcp.rmt_wnd)
+            allowed = pacer.allowance(now_ms, (snd_nxt - nsnd_buf) & MASK32, nsnd_buf, kcp.rx_srtt, eligible)
+            kcp.cwnd = span + allowed
         kcp.flush()
         if pacer is not None:
-            new = (kcp.snd_nxt - snd_nxt) & MASK32
-            app_limited = kcp.nsnd_que == 0
-            pacer.on_flushed(new, app_limited=app_limited, window_limited=not app_limited and new < allowed)
+            pacer.on_flushed((kcp.snd_nxt - snd_nxt) & MASK32)
         if kcp.rcv_wnd - kcp.nrcv_que < kcp.rcv_wnd // 4:
             self._window_was_low = True
         out = self._out
@@ -299,6 +307,8 @@ class KcpSession:
         if kcp is not None:
             kcp.send_cb = None
             self._kcp = None
+            if self._pacer is not None:
+                self._pacer.close()
         self._out.clear()
 
     def stats(self) -> dict[str, int | float | str]:
@@ -324,9 +334,10 @@ class KcpSession:
                 remote_window=int(kcp.rmt_wnd),
             )
         if self._pacer is not None:
+            path = self._pacer.path
             figures.update(
-                pacer_mode=self._pacer.mode.value,
-                delivery_rate_bps=round(self._pacer.btlbw * 1000 * self._mss * 8),
-                min_rtt_ms=self._pacer.min_rtt_ms,
+                pacer_mode=path.mode.value,
+                path_delivery_rate_bps=round(path.btlbw * 1000 * self._mss * 8),
+                min_rtt_ms=path.min_rtt_ms,
             )
         return figures
