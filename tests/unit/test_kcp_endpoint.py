@@ -415,6 +415,22 @@ def test_arbitrary_bytes_never_raise(from_peer: int, ptype: int, payload: bytes)
     ep.handle_timer(1.0)
 
 
+@settings(max_examples=300, deadline=None)
+@given(conv=st.integers(0, 0xFFFFFFFF), flag=st.integers(0, 0xFF), body=st.binary(max_size=200))
+def test_arbitrary_packets_for_us_never_raise(conv: int, flag: int, body: bytes) -> None:
+    ep = KcpEndpoint(2, now=0.0)
+    ep.receive(1, KCP_SRC, pack_kcp_header(conv, 1, 2, flag) + body, 0.0)
+    ep.receive(1, KCP_SRC, pack_kcp_header(conv, 1, 2, SYN) + body, 0.0)  # any body is a connect
+    ep.receive(1, KCP_DST, pack_kcp_header(conv, 2, 1, flag) + body, 0.0)
+    while (event := ep.next_event()) is not None:
+        if isinstance(event, IncomingConnection):
+            assert event.conn_data == body
+            ep.accept(event.handle, 0.0)
+    ep.receive(1, KCP_SRC, pack_kcp_header(conv, 1, 2, flag) + body, 0.1)
+    ep.datagrams_to_send(0.1)
+    ep.handle_timer(30.0)
+
+
 @settings(max_examples=200, deadline=None)
 @given(packets=st.lists(st.tuples(st.integers(0, 0x7F), st.binary(max_size=120)), max_size=12))
 def test_arbitrary_flags_and_bodies_on_live_conversations_never_raise(
