@@ -25,6 +25,12 @@ Session rules (wire protocol notes §7.1, with pytier's improvements):
 * PING is answered with PING|PONG unless the conversation is unknown or finished (then RST);
   any packet refreshes liveness; silence for the idle timeout drops the conversation.
 * unknown triple: RST is ignored, everything but a SYN is answered with RST.
+* a segment unacknowledged after KcpConfig.dead_link transmissions ends the conversation (RST).
+
+Sending is paced per peer (kcp_pacer): the conversations with one peer share one delivery-rate
+estimate and split it equally. Back-pressure: `writable(handle)` (0 = stop reading the TCP side);
+`pause_reading`/`resume_reading` stop and restart DataReceived, closing KCP's window meanwhile.
+Every handle ends with exactly one ConnectFailed or ConnectionClosed event.
 """
 
 from __future__ import annotations
@@ -105,7 +111,6 @@ class _Stream:
     """Per-handle state; the KCP details live in `session`."""
 
     __slots__ = (
-        "accepted_at",
         "aliases",
         "attempts",
         "closing",
@@ -153,7 +158,6 @@ class _Stream:
         self.hedge_at = -1.0
         self.hedges_started = 0
         self.deadline = -1.0  # connect / accept / handshake / time-wait limit, by state
-        self.accepted_at = -1.0
         self.synack_at = -1.0
         self.synack_backoff = 0.0
         self.fin_at = -1.0
@@ -224,7 +228,6 @@ class KcpEndpoint:
         now = self._now
         self._bind(stream, stream.aliases[0])
         stream.state = State.SYN_RECEIVED
-        stream.accepted_at = now
         stream.deadline = now + self.config.handshake_timeout_s
         stream.last_rx = stream.last_ping = now
         stream.session = self._new_session(stream, now)
@@ -316,6 +319,7 @@ class KcpEndpoint:
     # owner API: inspection
 
     def stats(self, handle: int) -> dict[str, int | float | str]:
+        """Figures of a live handle (KeyError once it closed; ConnectionClosed carries the last)."""
         stream = self._streams[handle]
         figures: dict[str, int | float | str] = {
             "state": stream.state.value,
@@ -327,6 +331,7 @@ class KcpEndpoint:
         return figures
 
     def handles(self) -> list[int]:
+        """Handles that have not ended yet."""
         return [h for h, s in self._streams.items() if s.state is not State.TIME_WAIT]
 
     # ------------------------------------------------------------------------------------------
