@@ -81,7 +81,6 @@ class EntryTable:
         if entry is not None and entry.closed_at is None:
             entry.state = EntryState.Closed
             entry.closed_at = self._clock()
-            entry.stats = None
 
     def rows(self) -> list[dict[str, Any]]:
         now = self._clock()

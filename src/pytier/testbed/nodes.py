@@ -196,7 +196,9 @@ print(n, h.hexdigest(), flush=True)
 _SOURCE = r"""
 import hashlib, random, socket, sys
 total = int(sys.argv[3]); rng = random.Random(int(sys.argv[4]))
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[5]))
+c = socket.socket()
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, sys.argv[7].encode())
+c.settimeout(float(sys.argv[5])); c.connect((sys.argv[1], int(sys.argv[2])))
 h = hashlib.sha256(); sent = 0
 while sent < total:
     chunk = rng.randbytes(min(1 << 16, total - sent)); c.sendall(chunk); h.update(chunk); sent += len(chunk)
@@ -213,13 +215,14 @@ print(sent, h.hexdigest(), echo.decode(), flush=True)
 
 def tcp_transfer(tb: Testbed, server_ns: Netns, client_ns: Netns, server_ip: str, nbytes: int,
                  *, port: int = 5201, timeout: float = 120.0, seed: int = 1,
-                 half_close: bool = True) -> tuple[int, str, str, float]:
+                 half_close: bool = True, congestion: str = "cubic") -> tuple[int, str, str, float]:
     """Send ``nbytes`` of seeded random bytes over a real TCP connection; returns
     (bytes sent, sha256 the sender computed, sha256 the receiver computed, seconds taken).
 
     With ``half_close`` the sender ends its half with FIN and the receiver answers after EOF (the
     test of half-close); without, the receiver answers after ``nbytes``, for peers (EasyTier's
-    proxies) that do not carry a half-close."""
+    proxies) that do not carry a half-close. The sender's congestion control is set explicitly
+    (cubic, the default of most hosts): these namespaces default to BBR, which ignores loss."""
     expect = -1 if half_close else nbytes
     sink = tb.popen(server_ns, [sys.executable, "-c", _SINK, server_ip, str(port), str(timeout), str(expect)],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -228,7 +231,7 @@ def tcp_transfer(tb: Testbed, server_ns: Netns, client_ns: Netns, server_ip: str
         raise RuntimeError(f"sink did not start: {sink.stderr.read() if sink.stderr else ''}")
     started = time.monotonic()
     out = client_ns.run([sys.executable, "-c", _SOURCE, server_ip, str(port), str(nbytes), str(seed),
-                         str(timeout), "1" if half_close else "0"], timeout=timeout + 10).stdout
+                         str(timeout), "1" if half_close else "0", congestion], timeout=timeout + 10).stdout
     took = time.monotonic() - started
     sink.wait(timeout)
     sent, sha_sent, sha_echo = str(out).split()
