@@ -160,3 +160,14 @@ def test_duplicate_virtual_ip_is_reported(testbed: Testbed) -> None:
                  f"{node.name} to report the conflict")
         line = next(ln for ln in node.log().splitlines() if "ERROR" in ln)
         assert "10.144.144.1" in line and "node-a" in line and "node-b" in line, line
+
+
+def test_connector_reconnects_after_listener_restart(testbed: Testbed) -> None:
+    na, nb, _nc = start_line(testbed, ["--peer-timeout", "4"])
+    nb.wait_route("10.144.144.1")
+    assert na.stop() == 0
+    wait_for(lambda: "10.144.144.1" not in nb.route_ips(), 20, "B to drop A")
+    na.start()
+    # Nobody restarts B: its reconnect loop (with back-off) must find A again by itself.
+    nb.wait_route("10.144.144.1", timeout=40)
+    assert ping("10.144.144.1", count=3, interval=0.2, timeout=2, netns=nb.ns).received >= 2
