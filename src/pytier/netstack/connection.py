@@ -422,7 +422,7 @@ class Connection:
                 self.ack_now = True
                 self.host.wake(self)
         if flags & F_FIN:
-            self._on_fin(seq + len(payload), now)
+            self._on_fin(seq + len(payload), now, acked=bool(payload))
 
     def _acceptable(self, seq: int, seg_len: int) -> bool:
         """RFC 9293 3.10.7.4 first check; a zero window still takes a segment at RCV.NXT (trimmed)."""
@@ -583,7 +583,8 @@ class Connection:
             self._consume_fin(now)
         self._deliver()
 
-    def _on_fin(self, fin_seq: int, now: float) -> None:
+    def _on_fin(self, fin_seq: int, now: float, *, acked: bool) -> None:
+        """The peer's FIN at `fin_seq`; `acked`: the segment's data already drew an ACK if one was due."""
         if self.peer_fin:
             if fin_seq + 1 == self.rcv_nxt:
                 self._emit_ack()  # a retransmitted FIN: our ACK was lost
@@ -593,7 +594,8 @@ class Connection:
         if fin_seq != self.rcv_nxt:
             if fin_seq > self.rcv_nxt and self.state in RECEIVING:
                 self.fin_at = fin_seq  # ahead of a hole: consumed when the hole fills
-            self._emit_ack()
+            if not acked:
+                self._emit_ack()
             return
         self._consume_fin(now)
         self._deliver()
