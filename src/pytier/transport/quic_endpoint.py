@@ -137,6 +137,8 @@ class QuicEndpoint:
         self._streams: dict[int, _Stream] = {}
         self._handles = itertools.count(1)
         self._events: deque[QuicEndpointEvent] = deque()
+        # Connections closed locally whose CONNECTION_CLOSE has yet to go out.
+        self._closing: list[_Conn] = []
 
     # ---- input ----------------------------------------------------------------------------------
 
@@ -167,6 +169,7 @@ class QuicEndpoint:
         if conn is not None:
             # The peer started a new connection (it restarted, or dropped the old one): the old one
             # is gone for good.
+            conn.quic.close(error_code=0, reason_phrase="replaced")
             self._end_conn(conn, "replaced by a new connection from the peer", now)
         quic = NullCryptoQuicConnection(
             configuration=make_configuration(is_client=False, idle_timeout_s=self.settings.idle_timeout_s,
@@ -309,6 +312,9 @@ class QuicEndpoint:
 
     def datagrams_to_send(self, now: float) -> list[tuple[int, int, bytes]]:
         out: list[tuple[int, int, bytes]] = []
+        closing, self._closing = self._closing, []
+        for conn in closing:
+            out.extend((conn.peer, conn.send_type, data) for data, _addr in conn.quic.datagrams_to_send(now))
         for conn in self._conns():
             sent = conn.quic.datagrams_to_send(now)
             if sent:
@@ -447,6 +453,8 @@ class QuicEndpoint:
         table = self._clients if conn.is_client else self._servers
         if table.get(conn.peer) is conn:
             del table[conn.peer]
+            if not conn.quic.closed:
+                self._closing.append(conn)
         for stream in list(conn.streams.values()):
             if self._streams.pop(stream.handle, None) is not None and (stream.outgoing or stream.announced):
                 self._events.append(StreamClosed(stream.handle, reason, stream.opened))

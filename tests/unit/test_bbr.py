@@ -1,0 +1,211 @@
+"""BBR v1 on synthetic paths: a bottleneck of known rate and RTT, driven in virtual time."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+
+import pytest
+
+from pytier.transport.bbr import (
+    DRAIN_GAIN,
+    HIGH_GAIN,
+    MIN_PIPE_PACKETS,
+    PACING_GAIN_CYCLE,
+    Bbr,
+    BbrState,
+    SentState,
+    _MaxFilter,
+)
+
+MSS = 1200
+
+
+class Path:
+    """A sender paced and windowed by `bbr`, a FIFO bottleneck of `rate` bytes/s, a fixed RTT.
+
+    `app_rate`, when set, caps what the application offers (bytes/s): the sender is app-limited.
+    `loss` drops packets at random after the bottleneck; they are reported lost one RTT later."""
+
+    def __init__(self, bbr: Bbr, rate: float, rtt: float, *, loss: float = 0.0, seed: int = 1) -> None:
+        self.bbr = bbr
+        self.rate = rate
+        self.rtt = rtt
+        self.loss = loss
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.busy_until = 0.0
+        self.next_send = 0.0
+        self.acks: list[tuple[float, int, SentState | None, bool]] = []
+        self.seq = 0
+        self.app_rate: float | None = None
+        self.app_credit = 0.0
+        self.trace: list[tuple[float, BbrState, float]] = []
+
+    def run(self, until: float) -> None:
+        bbr = self.bbr
+        while self.now < until:
+            can_send = bbr.bytes_in_flight + MSS <= bbr.cwnd
+            send_at = max(self.next_send, self.now) if can_send else float("inf")
+            ack_at = self.acks[0][0] if self.acks else float("inf")
+            t = min(send_at, ack_at, until)
+            if self.app_rate is not None:
+                self.app_credit = min(self.app_credit + (t - self.now) * self.app_rate, 4 * MSS)
+            self.now = t
+            if t == until:
+                break
+            if ack_at <= send_at:
+                _, _, state, lost = heapq.heappop(self.acks)
+                assert state is not None
+                if lost:
+                    bbr.on_loss(t, [state])
+                else:
+                    bbr.on_ack(t, state, t - state.sent_time)
+                self.trace.append((t, bbr.state, bbr.pacing_gain))
+                continue
+            if self.app_rate is not None:
+                if self.app_credit < MSS - 1e-3:
+                    bbr.on_app_limited()
+                    self.next_send = t + (MSS - self.app_credit) / self.app_rate
+                    continue
+                self.app_credit -= MSS
+            state = bbr.on_send(t, MSS)
+            self.next_send = t + MSS / bbr.pacing_rate
+            depart = max(t, self.busy_until) + MSS / self.rate
+            self.busy_until = depart
+            lost = self.rng.random() < self.loss
+            self.seq += 1
+            heapq.heappush(self.acks, (depart + self.rtt, self.seq, state, lost))
+
+
+def steady(rate: float = 10e6, rtt: float = 0.040, **kw: float) -> Path:
+    path = Path(Bbr(mss=MSS, now=0.0, rng=random.Random(7)), rate, rtt, **kw)  # type: ignore[arg-type]
+    path.run(3.0)
+    return path
+
+
+def test_startup_drain_probe_bw_and_the_model() -> None:
+    path = steady()
+    bbr = path.bbr
+    states = [s for _, s, _ in path.trace]
+    first = {s: states.index(s) for s in (BbrState.STARTUP, BbrState.DRAIN, BbrState.PROBE_BW)}
+    assert first[BbrState.STARTUP] < first[BbrState.DRAIN] < first[BbrState.PROBE_BW]
+    assert bbr.state is BbrState.PROBE_BW and bbr.filled_pipe
+    assert 0.9 * 10e6 <= bbr.btlbw <= 1.1 * 10e6
+    assert 0.040 <= bbr.rtprop <= 0.042
+    bdp = bbr.btlbw * bbr.rtprop
+    assert bbr.cwnd <= 2 * bdp + 3 * MSS + 1
+    assert bbr.pacing_rate == pytest.approx(bbr.pacing_gain * bbr.btlbw)
+    # The gains of each state.
+    gains = {s: {g for _, st, g in path.trace if st is s} for s in (BbrState.STARTUP, BbrState.DRAIN)}
+    assert gains[BbrState.STARTUP] == {HIGH_GAIN} and gains[BbrState.DRAIN] == {DRAIN_GAIN}
+
+
+def test_startup_leaves_after_three_rounds_without_growth() -> None:
+    path = steady()
+    drain_at = next(t for t, s, _ in path.trace if s is BbrState.DRAIN)
+    # From 32 packets, doubling each round, 10 MB/s is reached in ~4 rounds, plus the 3 without growth;
+    # the queue STARTUP builds stretches those rounds to up to ~3 x 40 ms.
+    assert drain_at < 1.0
+    assert path.bbr.round_count > 7
+
+
+def test_probe_bw_cycles_its_gains_once_per_rtt() -> None:
+    path = steady()
+    path.trace.clear()
+    path.run(5.0)
+    gains = [g for _, _, g in path.trace]
+    changes = [b for a, b in itertools.pairwise(gains) if a != b]
+    assert 1.25 in changes and 0.75 in changes
+    # 0.75 always follows 1.25 (the drain right after the probe).
+    for i, g in enumerate(changes[:-1]):
+        if g == 1.25:
+            assert changes[i + 1] == 0.75
+    # One 8-phase cycle per ~8 RTTs: 2 s at 40 ms is ~6 cycles (the six 1.0 phases show as one change).
+    assert 4 <= changes.count(1.25) <= 8
+    assert set(gains) <= set(PACING_GAIN_CYCLE)
+
+
+def test_probe_rtt_after_ten_seconds_without_a_lower_rtt() -> None:
+    path = steady()
+    path.rtt = 0.045  # no sample reaches the minimum again
+    stamp = path.bbr._rtprop_stamp
+    path.run(stamp + 10.5)
+    entered = [t for t, s, _ in path.trace if s is BbrState.PROBE_RTT]
+    assert entered, "no PROBE_RTT within 10.5 s of the last minimum"
+    start, end = entered[0], entered[-1]
+    assert stamp + 10.0 <= start <= stamp + 10.5
+    path.run(stamp + 12.0)
+    entered = [t for t, s, _ in path.trace if s is BbrState.PROBE_RTT]
+    assert entered[-1] - entered[0] >= 0.2 - 0.041  # held >= 200 ms once the pipe drained
+    assert path.bbr.state is BbrState.PROBE_BW
+    assert end >= start
+
+
+def test_probe_rtt_cwnd_is_four_packets() -> None:
+    path = steady()
+    samples: list[int] = []
+    orig = path.bbr.on_ack
+
+    def watch(now: float, packet: SentState, rtt: float | None = None) -> None:
+        orig(now, packet, rtt)
+        if path.bbr.state is BbrState.PROBE_RTT:
+            samples.append(path.bbr.cwnd)
+
+    path.bbr.on_ack = watch  # type: ignore[method-assign]
+    path.rtt = 0.045
+    path.run(path.bbr._rtprop_stamp + 10.8)
+    assert samples and max(samples) == MIN_PIPE_PACKETS * MSS
+
+
+def test_app_limited_samples_do_not_lower_the_estimate() -> None:
+    path = steady()
+    before = path.bbr.btlbw
+    path.app_rate = 1e6  # a tenth of the path
+    path.run(4.0)  # 25 rounds: longer than the 10-round filter
+    assert path.bbr.btlbw >= 0.9 * before
+
+
+def test_bandwidth_estimate_follows_a_slower_path() -> None:
+    path = steady()
+    path.rate = 5e6
+    path.run(5.0)
+    assert path.bbr.btlbw == pytest.approx(5e6, rel=0.15)
+
+
+def test_random_loss_leaves_the_model_and_rate_alone() -> None:
+    path = steady(loss=0.10)
+    bbr = path.bbr
+    assert bbr.lost_packets > 0
+    assert bbr.state is BbrState.PROBE_BW
+    assert bbr.btlbw >= 0.8 * 10e6  # goodput-rate samples are ~90% of the rate, the max filter keeps it up
+
+
+def test_loss_conservation_when_asked_for() -> None:
+    bbr = Bbr(mss=MSS, now=0.0, loss_conservation=True)
+    sent = [bbr.on_send(0.0, MSS) for _ in range(20)]
+    bbr.on_loss(0.05, sent[:2])
+    assert bbr.cwnd == bbr.bytes_in_flight + MSS  # packet conservation on entering recovery
+    for i, s in enumerate(sent[2:]):
+        bbr.on_ack(0.06 + i * 0.001, s, 0.06)
+    assert bbr.cwnd >= 32 * MSS  # recovery ended: the window before it is back
+
+
+def test_persistent_congestion_shrinks_then_regrows() -> None:
+    path = steady()
+    path.bbr.on_persistent_congestion()
+    assert path.bbr.cwnd == MIN_PIPE_PACKETS * MSS
+    path.run(3.5)
+    assert path.bbr.cwnd > 10 * MSS
+
+
+def test_max_filter_window() -> None:
+    f = _MaxFilter(10)
+    f.update(5.0, 1)
+    f.update(3.0, 2)
+    assert f.best == 5.0
+    f.update(2.0, 11)  # round 1 is now out of the window
+    assert f.best == 3.0
+    f.expire(12)
+    assert f.best == 2.0
