@@ -402,7 +402,13 @@ class Connection:
                     self._emit_ack()
                 return
             if flags & F_RST:
-                if seq == self.rcv_nxt:
+                if seq == self.rcv_nxt and state is State.TIME_WAIT:
+                    # Both streams are complete: the RST only frees the tuple early (as Linux does);
+                    # the owner still gets FINISHED after whatever it has not read yet.
+                    self.state = State.CLOSED
+                    self.deadline = None
+                    self.host.retire(self)
+                elif seq == self.rcv_nxt:
                     refused = state is State.SYN_RECEIVED and not self.passive
                     self._terminate(CloseReason.REFUSED if refused else CloseReason.RESET)
                 else:
@@ -510,10 +516,13 @@ class Connection:
                 self.cwnd += acked
             else:
                 self.cwnd += max(1, mss * acked // self.cwnd)
-        if ack >= self.snd_max:
-            self.rto_at = None
-        elif not self.persist:
+        if self.snd_nxt > ack:
             self._arm_rto(now + self.rtt.rto)
+        else:
+            # Nothing in flight (everything acknowledged, or a rewind after an RTO): the flush sends
+            # more and arms whichever timer then applies.
+            self.rto_at = None
+            self.persist = False
         self.host.wake(self)
 
     def _dup_ack(self, now: float) -> None:
@@ -725,7 +734,7 @@ class Connection:
         if state is State.SYN_HELD:
             self._reset_unsynchronized()
         elif state is not State.SYN_SENT and state is not State.TIME_WAIT:
-            self._emit_bare(self.snd_nxt & MASK, self.rcv_nxt & MASK, F_RST | F_ACK)
+            self._emit_bare(self.snd_max & MASK, self.rcv_nxt & MASK, F_RST | F_ACK)
         self._terminate(reason)
 
     def transmit(self, now: float) -> None:
@@ -757,8 +766,8 @@ class Connection:
             while nxt < data_end:
                 left = data_end - nxt
                 n = min(mss, left, edge - nxt)
-                if n <= 0 or (n < mss and n < left and n < self.max_snd_wnd // 2):
-                    break  # sender silly-window avoidance: wait for a useful window
+                if n <= 0 or (n < mss and n < left and n < self.max_snd_wnd // 2 and nxt >= self.snd_max):
+                    break  # sender silly-window avoidance (for new data): wait for a useful window
                 off = nxt - base
                 end = nxt + n
                 flags = F_ACK
@@ -791,7 +800,7 @@ class Connection:
                 self.rto_at = None
             if self.rto_at is None:
                 self._arm_rto(now + self.rtt.rto)
-        elif nxt < data_end and self.snd_max <= self.snd_una and self.rto_at is None:
+        elif nxt < data_end and self.snd_nxt <= self.snd_una and self.rto_at is None:
             # Data waits for a window and nothing in flight will bring an ACK: probe (RFC 9293 3.8.6.1).
             self.persist = True
             self._arm_rto(now + min(self.rtt.rto * (1 << self.persist_backoff), self.config.max_rto))
@@ -818,7 +827,9 @@ class Connection:
         self.ack_now = False
 
     def _emit_ack(self) -> None:
-        self._emit(self.snd_nxt, F_ACK, b"")
+        # SND.MAX, not SND.NXT: after a go-back-N rewind an ACK from SND.NXT would carry a sequence
+        # number the peer has already passed, and it would drop the ACK as unacceptable.
+        self._emit(self.snd_max, F_ACK, b"")
 
     def _emit_bare(self, seq_raw: int, ack_raw: int, flags: int) -> None:
         """A segment that is not part of our stream (RST answers); window 0."""
@@ -892,8 +903,8 @@ class Connection:
             self.rtt.back_off()
             self._emit_syn(now, retransmit=True)
             return
-        if self.snd_una >= self.snd_max or state not in SENDING:
-            return
+        if self.snd_nxt <= self.snd_una or state not in SENDING:
+            return  # nothing in flight: a stale expiry
         if self.retries >= self.config.max_retransmits:
             self.abort(CloseReason.TIMEOUT)
             return
@@ -912,7 +923,7 @@ class Connection:
     def _probe(self, now: float) -> None:
         self.persist = False
         data_end = self.snd_base + len(self.snd_buf)
-        if self.snd_nxt >= data_end or self.snd_max > self.snd_una or self.state not in SENDING:
+        if self.snd_nxt >= data_end or self.snd_nxt > self.snd_una or self.state not in SENDING:
             return
         usable = self.snd_una + min(self.snd_wnd, self.cwnd) - self.snd_nxt
         if usable > 0:
