@@ -33,6 +33,7 @@ from pytier.wire.tcp import TcpFlags, TcpRepr
 log = logging.getLogger("pytier.proxy")
 
 DST_CONNECT_TIMEOUT_S = 10.0
+LISTEN_BACKLOG = 1024
 PLAIN_FLOW_IDLE_S = 120.0
 _TCP = 6
 _SYN = 0x02
@@ -89,8 +90,10 @@ class ProxyService:
 
     async def start(self) -> None:
         if self._outbound:
+            # A burst of intercepted connections all lands here at once; the default backlog of
+            # 100 would drop SYNs and cost the clients a second per retransmit.
             self._listener = await asyncio.start_server(self._on_accept, str(self.own.ip), 0,
-                                                        reuse_address=True)
+                                                        reuse_address=True, backlog=LISTEN_BACKLOG)
             port = self._listener.sockets[0].getsockname()[1]
             self._listener_port = port.to_bytes(2, "big")
             self.nat = NatHairpin(self.own.ip, self.own.network, port)
