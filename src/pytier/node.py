@@ -27,6 +27,7 @@ from pytier.proxy import kcp, quic
 from pytier.proxy.service import ProxyService
 from pytier.proxy.transport import Transport
 from pytier.tun.device import TunDevice
+from pytier.tun.forwarding import SubnetForwarding
 from pytier.tun.netlink import LinkConfig
 from pytier.tunnel.base import Tunnel
 from pytier.tunnel.tcp import TcpListener, connect_tcp
@@ -80,6 +81,7 @@ class Node:
         self._tun: TunDevice | None = None
         self._link: LinkConfig | None = None
         self._tun_routes: set[ipaddress.IPv4Network] = set()
+        self._forwarding: SubnetForwarding | None = None
         # pyroute2's IPRoute runs an event loop of its own, so it cannot be called from ours: every
         # netlink call goes through this one thread, in order.
         self._netlink = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
@@ -276,8 +278,19 @@ class Node:
             raise UserError(f"cannot configure TUN device {tun.name}: {exc}") from exc
         tun.attach(loop, self._on_tun_packets)
         log.info("TUN device %s up (mtu %d, %s)", tun.name, cfg.mtu, cfg.ipv4 or "no address")
+        if cfg.proxy_networks and cfg.ipv4 is not None:
+            forwarding = SubnetForwarding(f"pytier_{tun.name}", cfg.ipv4.network, list(cfg.proxy_networks))
+            try:
+                forwarding.open()
+            except OSError as exc:
+                forwarding.close()
+                raise UserError(str(exc)) from exc
+            self._forwarding = forwarding
 
     async def _close_tun(self) -> None:
+        if self._forwarding is not None:
+            self._forwarding.close()
+            self._forwarding = None
         tun, link = self._tun, self._link
         self._tun = self._link = None
         if tun is not None:
