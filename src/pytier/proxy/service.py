@@ -189,7 +189,9 @@ class ProxyService:
             if out is not None:
                 self._write_tun(out)
             return True
-        if dst == self._own_ip:
+        if dst == self._own_ip or src != self._own_ip:
+            # Kernel mode proxies this node's own connections only; TCP that a LAN host routes
+            # through us goes as plain packets (subnet-to-subnet needs the user-space stack).
             return False
         peer = self._peer_for_ip(dst)
         if peer is None:
