@@ -320,6 +320,10 @@ class Node:
         malformed += sum(c.tunnel.stats.rx_malformed for conns in self.peers.conns.values() for c in conns)
         if malformed:
             stats["rx_malformed_datagrams"] = malformed
+        tx_errors = sum(getattr(lst, "tx_errors", 0) for lst in self._listeners)
+        tx_errors += sum(c.tunnel.stats.tx_errors for conns in self.peers.conns.values() for c in conns)
+        if tx_errors:
+            stats["tx_send_errors"] = tx_errors
         if self._tun is not None and self._tun.write_drops:
             stats["tun_write_drops"] = self._tun.write_drops
         return stats

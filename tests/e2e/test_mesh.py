@@ -171,3 +171,27 @@ def test_connector_reconnects_after_listener_restart(testbed: Testbed) -> None:
     # Nobody restarts B: its reconnect loop (with back-off) must find A again by itself.
     nb.wait_route("10.144.144.1", timeout=40)
     assert ping("10.144.144.1", count=3, interval=0.2, timeout=2, netns=nb.ns).received >= 2
+
+
+def test_send_errors_from_a_local_firewall_do_not_drop_the_peer(testbed: Testbed) -> None:
+    a, b = testbed.netns("a"), testbed.netns("b")
+    testbed.veth(a, b, "198.18.1.1/24", "198.18.1.2/24")
+    na = PytierNode(testbed, a, [*NET, "--ipv4", "10.144.144.1/24", "--listeners", "udp://0.0.0.0:11010"],
+                    name="node-a").start()
+    nb = PytierNode(testbed, b, [*NET, "--ipv4", "10.144.144.2/24", "--no-listener", "--peers",
+                                 "udp://198.18.1.1:11010", "--peer-timeout", "8"], name="node-b").start()
+    nb.wait_route("10.144.144.1")
+    # A drop on B's own output hook: every sendto() of B's tunnel socket fails with EPERM.
+    b.run(["nft", "-f", "-"], input="table ip fw {\n chain out {\n type filter hook output priority 0;\n"
+          " udp dport 11010 drop\n }\n}\n")
+    try:
+        result = ping("10.144.144.1", count=10, interval=0.3, timeout=0.5, netns=b)
+        assert result.received == 0
+        assert len(nb.cli("peer")) == 1
+        assert nb.cli("stats").get("tx_send_errors", 0) >= 10  # counted as lost packets
+    finally:
+        b.run(["nft", "delete", "table", "ip", "fw"])
+    assert ping("10.144.144.1", count=3, interval=0.2, timeout=2, netns=b).received >= 2
+    assert "is down" not in nb.log()
+    assert na.proc is not None and nb.proc is not None
+    assert na.proc.poll() is None and nb.proc.poll() is None

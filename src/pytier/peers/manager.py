@@ -153,7 +153,8 @@ class PeerManager:
                  tunnel.info.remote_addr, reason)
         if not conns:
             self.conns.pop(conn.peer_id, None)
-            log.warning("peer %d is down (%s)", conn.peer_id, reason)
+            level = logging.INFO if reason == "shutting down" else logging.WARNING
+            log.log(level, "peer %d is down (%s)", conn.peer_id, reason)
             if self.on_peer_down is not None:
                 self.on_peer_down(conn.peer_id)
 

@@ -81,6 +81,7 @@ class UdpListener(asyncio.DatagramProtocol):
         self._syn_magic: dict[tuple[str, int], bytes] = {}
         self.local_addr = ""
         self.rx_malformed = 0
+        self.tx_errors = 0
 
     @classmethod
     async def start(cls, host: str, port: int, on_tunnel: Callable[[Tunnel], None]) -> UdpListener:
@@ -147,7 +148,8 @@ class UdpListener(asyncio.DatagramProtocol):
         self._on_tunnel(tun)
 
     def error_received(self, exc: Exception) -> None:
-        # ICMP errors for one remote must not stop the socket that serves all of them.
+        # ICMP errors for one remote, or a refused send, must not stop the socket that serves all.
+        self.tx_errors += 1
         log.debug("udp listener %s: %s", self.local_addr, exc)
 
     def close(self) -> None:
@@ -192,6 +194,9 @@ class _UdpClientProtocol(asyncio.DatagramProtocol):
             self.sack.set_result(None)
 
     def error_received(self, exc: Exception) -> None:
+        # A refused send (firewall EPERM, ENOBUFS, no route) is a lost packet, not a dead link.
+        if self.tunnel is not None:
+            self.tunnel.stats.tx_errors += 1
         log.debug("udp tunnel: %s", exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
