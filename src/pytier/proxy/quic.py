@@ -210,12 +210,11 @@ class QuicTransport:
             self._kick_scheduled = True
             self._loop.call_soon(self._pump)
 
-    def _pump(self) -> None:
+    def _pump(self, timer_fired: bool = False) -> None:
         self._kick_scheduled = False
         ep = self.endpoint
         now = time.monotonic()
-        when = ep.get_timer()
-        if when is not None and when <= now:
+        if timer_fired:
             ep.handle_timer(now)
         self._dispatch_all()
         send = self._send
@@ -244,7 +243,7 @@ class QuicTransport:
     def _fire(self) -> None:
         self._timer = None
         self._timer_at = None
-        self._pump()
+        self._pump(timer_fired=True)
 
     def _dispatch_all(self) -> None:
         ep = self.endpoint

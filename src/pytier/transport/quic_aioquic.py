@@ -33,9 +33,11 @@ from typing import Any
 
 from aioquic import tls
 from aioquic.buffer import Buffer
+from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.congestion.base import QuicCongestionControl, register_congestion_control
 from aioquic.quic.connection import (
+    END_STATES,
     MAX_STREAM_DATA_FRAME_CAPACITY,
     QuicConnection,
     QuicReceiveContext,
@@ -246,13 +248,16 @@ class BbrPacer:
     """Token bucket at BBR's pacing rate, in place of aioquic's cwnd/srtt pacer.
 
     A send may go when a full datagram's worth of credit is there; credit accrues at the pacing rate
-    up to `burst_s` of it, which is what the event loop's timer granularity needs (a packet every
-    96 µs at 100 Mbit/s cannot be timed one by one)."""
+    up to `burst_s` of it. Once the bucket is empty, the next send time is when `wake_s` of credit
+    has accrued: a packet every 96 µs at 100 Mbit/s cannot be timed one by one by an event loop, and
+    waking up once per packet would cost more CPU than sending it."""
 
-    def __init__(self, bbr: Bbr, *, max_datagram_size: int, burst_s: float = 0.002) -> None:
+    def __init__(self, bbr: Bbr, *, max_datagram_size: int, burst_s: float = 0.002,
+                 wake_s: float = 0.001) -> None:
         self._bbr = bbr
         self._size = max_datagram_size
         self._burst_s = burst_s
+        self._wake_s = wake_s
         self._tokens = float(2 * max_datagram_size)
         self._last: float | None = None
 
@@ -269,7 +274,8 @@ class BbrPacer:
         rate = self._refill(now)
         if self._tokens >= self._size:
             return None
-        return now + (self._size - self._tokens) / rate
+        batch = min(max(float(self._size), rate * self._wake_s), max(2.0 * self._size, rate * self._burst_s))
+        return now + (batch - self._tokens) / rate
 
     def update_after_send(self, now: float) -> None:
         self._refill(now)
@@ -370,8 +376,6 @@ class NullCryptoQuicConnection(QuicConnection):
     def _complete_server_handshake(self) -> None:
         """What aioquic does when its TLS server sees the client's Finished (see _handle_crypto_frame);
         here the client's first Handshake or 1-RTT packet plays that part."""
-        from aioquic.quic import events
-
         self.tls.state = tls.State.SERVER_POST_HANDSHAKE
         self._handshake_complete = True
         self._confirm_handshake()
@@ -405,8 +409,6 @@ class NullCryptoQuicConnection(QuicConnection):
 
     @property
     def closed(self) -> bool:
-        from aioquic.quic.connection import END_STATES
-
         return self._state in END_STATES
 
     @property
