@@ -123,6 +123,7 @@ class Peer:
         window: int = 65535,
         mss: int | None = 1460,
         wscale: int | None = 0,
+        sack: bool = False,
     ) -> None:
         self.h = h
         self.me = me
@@ -132,6 +133,7 @@ class Peer:
         self.window = window
         self.mss = mss
         self.wscale = wscale
+        self.sack = sack
 
     def packet(
         self,
@@ -142,6 +144,7 @@ class Peer:
         ack: int | None = None,
         window: int | None = None,
         options: bool = False,
+        sack: tuple[tuple[int, int], ...] = (),
     ) -> bytes:
         return build(
             self.me,
@@ -152,6 +155,8 @@ class Peer:
             window=self.window if window is None else window,
             mss=self.mss if options else None,
             window_scale=self.wscale if options else None,
+            sack_permitted=self.sack and options,
+            sack_ranges=tuple((left & MASK, right & MASK) for left, right in sack),
             payload=payload,
         )
 
@@ -959,3 +964,113 @@ def test_data_queued_before_the_handshake_goes_out_after_it() -> None:
     segs = h.out()
     assert peer.take(segs) == b"early bird" and segs[-1].flags & F.FIN
     assert h.stack.info(event.handle).state == "fin-wait-1"
+
+
+# ----------------------------------------------------------------------------------------------
+# SACK and the tail loss probe
+
+
+def test_sack_is_used_only_when_both_offer_it() -> None:
+    for offered in (True, False):
+        h = Harness()
+        peer = Peer(h, sack=offered)
+        peer.syn()
+        [event] = h.events()
+        h.stack.accept(event.handle)
+        [synack] = h.out()
+        assert synack.tcp.sack_permitted is offered
+    h = Harness(NetStackConfig(sack=False))
+    Peer(h, sack=True).syn()
+    h.stack.accept(h.events()[0].handle)
+    assert not h.out()[0].tcp.sack_permitted
+    h = Harness()
+    h.stack.connect(SERVER, CLIENT)
+    assert h.out()[0].tcp.sack_permitted  # an active open offers it
+
+
+def test_out_of_order_data_is_reported_in_sack_blocks_latest_first() -> None:
+    h, peer, _handle = open_pair(sack=True)
+    base = peer.seq
+    peer.send(F.ACK, b"c" * 100, seq=base + 300)
+    peer.send(F.ACK, b"e" * 100, seq=base + 500)
+    peer.send(F.ACK, b"b" * 100, seq=base + 100)
+    [ack] = h.out()  # with SACK, one ACK per flush says it all
+    assert ack.ack == base
+    assert ack.tcp.sack_ranges == (
+        (base + 100, base + 200),
+        (base + 500, base + 600),
+        (base + 300, base + 400),
+    )
+    peer.send(F.ACK, b"a" * 100, seq=base)
+    peer.send(F.ACK, b"B" * 100, seq=base + 200)
+    peer.send(F.ACK, b"d" * 100, seq=base + 400)
+    assert data_events(h.events()) == b"".join(c * 100 for c in (b"a", b"b", b"B", b"c", b"d", b"e"))
+    [ack] = h.out()
+    assert ack.ack == base + 600 and ack.tcp.sack_ranges == ()
+
+
+def test_segments_shrink_to_make_room_for_sack_blocks() -> None:
+    h, peer, handle = open_pair(sack=True)
+    peer.send(F.ACK, b"x" * 100, seq=peer.seq + 1000)  # a hole: our segments now carry a SACK block
+    h.stack.send(handle, bytes(5000))
+    segs = [p for p in h.stack.packets_to_send(h.now)]
+    assert all(len(p) <= CFG.mtu for p in segs)
+    parsed = [parse(p) for p in segs]
+    assert all(s.tcp.sack_ranges for s in parsed)
+    assert len(parsed[0].payload) == MSS - 12  # NOP NOP SACK(10) + one 8-byte block
+
+
+def test_sack_scoreboard_resends_only_the_holes() -> None:
+    h, peer, handle = open_pair(sack=True)
+    h.stack.send(handle, bytes(10 * MSS))
+    segs = h.out()
+    base = segs[0].seq
+    assert len(segs) == 10
+    # The first two segments are lost; the other eight arrived.
+    peer.rcv = base
+    peer.send(F.ACK, sack=((base + 2 * MSS, base + 10 * MSS),))
+    retx = h.out()
+    assert [(s.seq, len(s.payload)) for s in retx] == [(base, MSS), (base + MSS, MSS)]
+    peer.send(F.ACK, sack=((base + 2 * MSS, base + 10 * MSS),))  # the same news again: nothing new
+    assert h.out() == []
+    peer.rcv = base + 10 * MSS
+    peer.send(F.ACK)
+    info = h.stack.info(handle)
+    assert info.retransmits == 2 and info.send_buffered == 0
+
+
+def test_a_lost_retransmission_is_resent_once_later_data_is_sacked() -> None:
+    h, peer, handle = open_pair(sack=True)
+    h.stack.send(handle, bytes(10 * MSS))
+    base = h.out()[0].seq
+    peer.rcv = base
+    peer.send(F.ACK, sack=((base + MSS, base + 10 * MSS),))
+    [retx] = h.out()
+    assert retx.seq == base
+    h.stack.send(handle, bytes(2 * MSS))
+    fresh = h.out()
+    assert [s.seq for s in fresh] == [base + 10 * MSS, base + 11 * MSS]
+    # The retransmission was lost, the fresh data after it arrived: it cannot be in flight still.
+    peer.send(F.ACK, sack=((base + MSS, base + 12 * MSS),))
+    [again] = h.out()
+    assert again.seq == base and len(again.payload) == MSS
+
+
+def test_tail_loss_probe_resends_the_last_segment_long_before_the_rto() -> None:
+    h, peer, handle = open_pair(sack=True)
+    h.stack.send(handle, bytes(5 * MSS))
+    segs = h.out()
+    base = segs[0].seq
+    rto = h.stack.info(handle).rto
+    [probe] = h.tick(0.011)  # 2 * SRTT, at least 10 ms
+    assert probe.seq == base + 4 * MSS and len(probe.payload) == MSS
+    assert rto > 0.011
+    # The probe's ACK SACKs it: everything below that is not acknowledged was lost.
+    peer.rcv = base + 2 * MSS
+    peer.send(F.ACK, sack=((base + 4 * MSS, base + 5 * MSS),))
+    retx = h.out()
+    assert [s.seq for s in retx] == [base + 2 * MSS, base + 3 * MSS]
+    peer.rcv = base + 5 * MSS
+    peer.send(F.ACK)
+    assert h.stack.info(handle).send_buffered == 0
+    assert h.tick(5.0) == []  # nothing outstanding, nothing fires

@@ -25,6 +25,10 @@ class Assembler:
     def __bool__(self) -> bool:
         return bool(self._starts)
 
+    def __len__(self) -> int:
+        """The number of disjoint ranges held."""
+        return len(self._starts)
+
     def ranges(self) -> list[tuple[int, int]]:
         """The held ranges as (start, end) pairs, end exclusive, in order."""
         return list(zip(self._starts, self._ends, strict=True))

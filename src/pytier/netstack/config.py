@@ -33,6 +33,9 @@ class NetStackConfig:
     max_connections: int = 4096  # live connections (TIME_WAIT entries not counted)
     max_time_wait: int = 1024  # TIME_WAIT entries kept; the oldest is dropped beyond this
     max_ooo_ranges: int = 32  # disjoint out-of-order ranges kept per connection
+    sack: bool = True  # offer and accept SACK (RFC 2018)
+    tail_loss_probe: bool = True  # RFC 8985 TLP
+    answer_interval: float = 0.05  # seconds between ACKs that answer unacceptable segments
     ack_every: int = 8  # in-order segments received before an ACK goes out without waiting for a flush
     ttl: int = 64
     verify_checksums: bool = True

@@ -5,24 +5,29 @@ below is an ordinary `<`. A received 32-bit number is unwrapped to the value nea
 (RCV.NXT for sequence numbers, SND.UNA for acknowledgements) and wrapped again with `& MASK` on output.
 
 What is in, and where:
-* handshake with MSS and window scale (RFC 7323 section 2); neither timestamps nor SACK is offered, so
-  no segment after the handshake carries options we need to read;
+* handshake with MSS, window scale (RFC 7323 section 2) and SACK-permitted; timestamps are not
+  offered, so after the handshake the only option either side sends is SACK;
 * a passive open waits in SYN_HELD until the owner accepts or refuses (the proxy may first connect to
   the real destination); simultaneous open goes SYN_SENT -> SYN_RECEIVED;
 * the acceptability test, RST and SYN checks of RFC 9293 3.10.7.4 with RFC 5961's challenge ACKs;
 * send side: a byte buffer from SND.UNA on, MSS-sized segments within min(peer window, cwnd), sender
   silly-window avoidance, FIN after the last byte, RTO per RFC 6298 with Karn's rule and backoff
-  (go-back-N from SND.UNA on expiry), fast retransmit on three duplicate ACKs with NewReno recovery
-  (RFC 6582), persist timer with window probes (Linux style: SEG.SEQ = SND.UNA - 1, no data);
+  (go-back-N from SND.UNA on expiry, the SACK scoreboard dropped as RFC 2018 asks), loss recovery
+  entered on three duplicate ACKs or three segments' worth of SACKed bytes: with SACK every hole below
+  the highest SACKed byte is resent once per episode (a simplified RFC 6675), without it NewReno
+  (RFC 6582); a tail loss probe (RFC 8985 TLP, once per flight) resends the last segment after
+  2 * SRTT of silence so that a lost tail shows up as a SACK hole instead of waiting for the RTO;
+  persist timer with window probes (Linux style: SEG.SEQ = SND.UNA - 1, no data);
 * receive side: in-order bytes wait in `rcv_buf` until the owner takes them (the window is the room
   left, with receiver silly-window avoidance), out-of-order ones in an `Assembler`; a duplicate ACK
   goes out at once for every out-of-order segment (RFC 5681 4.2), other ACKs at the next flush or after
-  `ack_every` segments;
+  `ack_every` segments; ACKs carry SACK blocks for what the assembler holds;
 * close: FIN_WAIT_1/2, CLOSING (simultaneous close), TIME_WAIT (short), CLOSE_WAIT, LAST_ACK.
 """
 
 from __future__ import annotations
 
+import struct
 from enum import Enum
 from typing import Protocol
 
@@ -56,6 +61,11 @@ F_ACK = 0x10
 DEFAULT_MSS = 536  # bytes, when the SYN carries no MSS option (RFC 9293 3.7.1)
 MIN_MSS = 48  # bytes; a smaller MSS would let a peer make us send tiny segments (Linux's floor)
 MAX_WINDOW_SHIFT = 14  # RFC 7323 2.3
+DUP_THRESH = 3  # duplicate ACKs, or segments' worth of SACKed bytes, that mean a loss (RFC 5681, 6675)
+MAX_SACK_BLOCKS = 4  # what fits in 40 bytes of options without timestamps
+MAX_SCOREBOARD = 64  # SACKed ranges remembered per connection
+TLP_MIN = 0.01  # seconds: the shortest tail loss probe timeout
+_SACK_BLOCK = struct.Struct("!II")
 
 
 class State(Enum):
@@ -124,6 +134,7 @@ class Connection:
     __slots__ = (
         "ack_now",
         "ack_pending",
+        "answered_at",
         "bytes_received",
         "bytes_sent",
         "closed_reported",
@@ -146,6 +157,7 @@ class Connection:
         "local",
         "max_snd_wnd",
         "ooo",
+        "ooo_latest",
         "passive",
         "paused",
         "peer_fin",
@@ -161,10 +173,15 @@ class Connection:
         "remote",
         "retransmits",
         "retries",
+        "rexmit_hi",
+        "rexmit_mark",
         "rto_at",
         "rtt",
         "rtt_sent",
         "rtt_seq",
+        "sack_ok",
+        "sacked",
+        "sacked_bytes",
         "scheduled",
         "snd_base",
         "snd_buf",
@@ -178,6 +195,8 @@ class Connection:
         "snd_wnd",
         "ssthresh",
         "state",
+        "tlp_armed",
+        "tlp_done",
         "wants_shift",
         "write_blocked",
         "writer",
@@ -226,6 +245,11 @@ class Connection:
         self.dupacks = 0
         self.in_recovery = False
         self.recover = iss
+        self.sack_ok = False  # both sides offered SACK
+        self.sacked: list[list[int]] = []  # the scoreboard: [start, end) ranges the peer SACKed, sorted
+        self.sacked_bytes = 0
+        self.rexmit_hi = iss  # in SACK recovery, holes below this were already resent
+        self.rexmit_mark = iss  # SND.MAX when they were: a SACK beyond it means those copies were lost
         # receive side
         self.irs = 0
         self.rcv_nxt = 0
@@ -235,12 +259,14 @@ class Connection:
         self.wants_shift: int | None = config.window_shift  # the scale we offer; None once refused
         self.rcv_adv = 0  # right edge of the window last advertised
         self.ooo = Assembler(config.max_ooo_ranges)
+        self.ooo_latest = 0  # where the latest out-of-order segment began: its SACK block goes first
         self.fin_at: int | None = None  # where the peer's FIN sits, when it came ahead of a hole
         self.peer_fin = False
         self.paused = False
         self.read_closed = False
         self.ack_pending = 0  # in-order segments received since our last ACK
         self.ack_now = False
+        self.answered_at = float("-inf")  # when we last answered an unacceptable segment
         # delivery to the owner
         self.delivery_queued = False
         self.fin_reported = False
@@ -251,6 +277,8 @@ class Connection:
         self.rto_at: float | None = None  # retransmission, or window probe when `persist`
         self.persist = False
         self.persist_backoff = 0
+        self.tlp_armed = False  # rto_at is a tail loss probe timeout
+        self.tlp_done = False  # a probe went out since SND.UNA last moved
         self.retries = 0
         self.rtt_seq: int | None = None  # the timed segment is acknowledged when SND.UNA reaches this
         self.rtt_sent = 0.0
@@ -296,6 +324,7 @@ class Connection:
         mss = syn.mss if syn.mss is not None else DEFAULT_MSS
         self.snd_mss = max(MIN_MSS, min(mss, self.config.mss))
         self.cwnd = self.config.initial_cwnd_segments * self.snd_mss
+        self.sack_ok = self.config.sack and syn.sack_permitted
         if syn.window_scale is not None and self.wants_shift is not None:
             self.snd_shift = min(syn.window_scale, MAX_WINDOW_SHIFT)
             self.rcv_shift = self.wants_shift
@@ -321,6 +350,7 @@ class Connection:
             window=window,
             mss=self.config.mss,
             window_scale=self.wants_shift,
+            sack_permitted=self.sack_ok if ack else self.config.sack,
         )
         self.host.out.append(emit_packet(self.local.addr, self.remote.addr, segment, self.config.ttl))
         if ack:
@@ -335,6 +365,7 @@ class Connection:
         self._arm_rto(now + self.rtt.rto)
 
     def _on_syn_sent(self, seq_raw: int, ack_raw: int, flags: int, syn: TcpRepr | None, now: float) -> bool:
+        # `syn` is the parsed segment; a SYN always has one
         """RFC 9293 3.10.7.3. Return True when the segment's text and FIN remain to be processed."""
         if flags & F_ACK:
             ack = unwrap(ack_raw, self.snd_una)
@@ -377,12 +408,13 @@ class Connection:
         flags: int,
         window: int,
         payload: bytes | memoryview,
-        syn: TcpRepr | None,
+        opts: TcpRepr | None,
         now: float,
     ) -> None:
+        """One segment for this connection; `opts` is the whole segment parsed, when it has options."""
         state = self.state
         if state is State.SYN_SENT:
-            if not self._on_syn_sent(seq_raw, ack_raw, flags, syn, now):
+            if not self._on_syn_sent(seq_raw, ack_raw, flags, opts, now):
                 return
             seq = self.irs + 1
             flags &= ~(F_SYN | F_ACK)
@@ -399,7 +431,7 @@ class Connection:
                 flags &= ~F_SYN
             if not self._acceptable(seq, len(payload) + (flags & F_SYN) // F_SYN + (flags & F_FIN)):
                 if not flags & F_RST:
-                    self._emit_ack()
+                    self._answer(now)
                 return
             if flags & F_RST:
                 if seq == self.rcv_nxt and state is State.TIME_WAIT:
@@ -412,14 +444,15 @@ class Connection:
                     refused = state is State.SYN_RECEIVED and not self.passive
                     self._terminate(CloseReason.REFUSED if refused else CloseReason.RESET)
                 else:
-                    self._emit_ack()  # RFC 5961 3.2 challenge ACK
+                    self._answer(now)  # RFC 5961 3.2 challenge ACK
                 return
             if flags & F_SYN:
-                self._emit_ack()  # RFC 5961 4.2 challenge ACK
+                self._answer(now)  # RFC 5961 4.2 challenge ACK
                 return
             if not flags & F_ACK:
                 return
-            if not self._on_ack(seq, ack_raw, window, not payload and not flags & F_FIN, now):
+            sack = opts.sack_ranges if opts is not None and self.sack_ok else ()
+            if not self._on_ack(seq, ack_raw, window, not payload and not flags & F_FIN, sack, now):
                 return
         if payload:
             if self.state in RECEIVING:
@@ -438,7 +471,15 @@ class Connection:
             return seq == nxt if wnd <= 0 else nxt <= seq < nxt + wnd
         return nxt <= seq < nxt + wnd or nxt <= seq + seg_len - 1 < nxt + wnd or seq < nxt < seq + seg_len
 
-    def _on_ack(self, seq: int, ack_raw: int, window: int, maybe_dup: bool, now: float) -> bool:
+    def _on_ack(
+        self,
+        seq: int,
+        ack_raw: int,
+        window: int,
+        maybe_dup: bool,
+        sack: tuple[tuple[int, int], ...],
+        now: float,
+    ) -> bool:
         """The ACK field and the window of an acceptable segment. False: stop processing it."""
         ack = unwrap(ack_raw, self.snd_una)
         if self.state is State.SYN_RECEIVED:
@@ -458,14 +499,31 @@ class Connection:
             self.host.wake(self)
             return True
         if ack > self.snd_max:
-            self._emit_ack()  # acknowledges something not yet sent
+            self._answer(now)  # acknowledges something not yet sent
             return False
         snd_una = self.snd_una
         wnd = window << self.snd_shift
+        if sack:
+            self._update_scoreboard(sack)
         if ack > snd_una:
             self._ack_advance(ack, now)
         elif maybe_dup and ack == snd_una and self.snd_max > snd_una and wnd == self.snd_wnd:
-            self._dup_ack(now)
+            self._dup_ack()
+        if self.sacked:
+            if self.in_recovery:
+                if self.sacked[-1][1] > self.rexmit_mark and self.rexmit_hi > self.snd_una:
+                    # Data sent after our retransmissions arrived and they did not: on a link that
+                    # keeps order (a TUN hop does), they were lost too. Resend the holes again.
+                    self.rexmit_hi = self.snd_una
+                self._retransmit_holes()
+            elif self.snd_una >= self.recover and (
+                self.sacked_bytes >= DUP_THRESH * self.snd_mss or self.tlp_done
+            ):
+                # After a tail probe, a SACK of it is enough: sent last, it got through while what
+                # lies below it did not.
+                self._enter_recovery()
+        if self.tlp_done and ack > snd_una and not self.in_recovery:
+            self.tlp_done = False  # the probe's news is in: the next flight may be probed again
         if self.snd_wl1 < seq or (self.snd_wl1 == seq and self.snd_wl2 <= ack):
             if wnd != self.snd_wnd:
                 if wnd > self.snd_wnd:
@@ -501,13 +559,23 @@ class Connection:
             self.rtt_seq = None
         self.retries = 0
         mss = self.snd_mss
+        board = self.sacked
+        if board:
+            while board and board[0][1] <= ack:
+                self.sacked_bytes -= board[0][1] - board[0][0]
+                del board[0]
+            if board and board[0][0] < ack:
+                self.sacked_bytes -= ack - board[0][0]
+                board[0][0] = ack
         if self.in_recovery:
             if ack >= self.recover:
                 self.in_recovery = False
+                self.tlp_done = False
                 self.cwnd = self.ssthresh
                 self.dupacks = 0
-            else:
-                # NewReno partial ACK: the next hole is lost too
+            elif not board and ack >= self.rexmit_hi:
+                # NewReno partial ACK: the next hole is lost too (SACK recovery resends its holes
+                # as the scoreboard shows them, in _on_ack)
                 self._retransmit_first()
                 self.cwnd = max(self.cwnd - acked + mss, mss)
         else:
@@ -517,7 +585,7 @@ class Connection:
             else:
                 self.cwnd += max(1, mss * acked // self.cwnd)
         if self.snd_nxt > ack:
-            self._arm_rto(now + self.rtt.rto)
+            self._arm_loss_timer(now)
         else:
             # Nothing in flight (everything acknowledged, or a rewind after an RTO): the flush sends
             # more and arms whichever timer then applies.
@@ -525,18 +593,75 @@ class Connection:
             self.persist = False
         self.host.wake(self)
 
-    def _dup_ack(self, now: float) -> None:
+    def _dup_ack(self) -> None:
         self.dupacks += 1
-        mss = self.snd_mss
-        if self.dupacks == 3 and not self.in_recovery and self.snd_una >= self.recover:
-            self.ssthresh = max((self.snd_max - self.snd_una) // 2, 2 * mss)
-            self.recover = self.snd_max
-            self.in_recovery = True
-            self._retransmit_first()
-            self.cwnd = self.ssthresh + 3 * mss
-        elif self.in_recovery:
-            self.cwnd += mss
+        if self.dupacks == DUP_THRESH and not self.in_recovery and self.snd_una >= self.recover:
+            self._enter_recovery()
+        elif self.in_recovery and not self.sacked:
+            self.cwnd += self.snd_mss  # NewReno: each duplicate is a segment that left the network
             self.host.wake(self)
+
+    def _enter_recovery(self) -> None:
+        mss = self.snd_mss
+        self.ssthresh = max((self.snd_max - self.snd_una) // 2, 2 * mss)
+        self.recover = self.snd_max
+        self.in_recovery = True
+        self.rexmit_hi = self.snd_una
+        if self.sacked:
+            self.cwnd = self.ssthresh
+            self._retransmit_holes()
+        else:
+            self._retransmit_first()
+            self.cwnd = self.ssthresh + DUP_THRESH * mss
+
+    def _update_scoreboard(self, blocks: tuple[tuple[int, int], ...]) -> None:
+        una, top = self.snd_una, self.snd_max
+        board = self.sacked
+        for left_raw, right_raw in blocks:
+            left = unwrap(left_raw, una)
+            right = unwrap(right_raw, una)
+            if not una < left < right <= top:
+                continue  # a D-SACK below SND.UNA, or nonsense
+            i = 0
+            while i < len(board) and board[i][1] < left:
+                i += 1
+            j = i
+            while j < len(board) and board[j][0] <= right:
+                left = min(left, board[j][0])
+                right = max(right, board[j][1])
+                j += 1
+            board[i:j] = [[left, right]]
+        if len(board) > MAX_SCOREBOARD:
+            del board[MAX_SCOREBOARD:]
+        self.sacked_bytes = sum(end - start for start, end in board)
+
+    def _retransmit_holes(self) -> None:
+        """Resend, once per recovery, each hole below the highest SACKed byte that counts as lost."""
+        una = self.snd_una
+        pos = max(self.rexmit_hi, una)
+        mss = self.snd_mss
+        room = self._payload_room()
+        above = self.sacked_bytes
+        base = self.snd_base
+        for start, end in self.sacked:
+            if pos < start:
+                # RFC 6675 IsLost: DupThresh segments' worth SACKed above it (or the duplicate ACKs
+                # already said the first one is gone)
+                lost = (
+                    above >= DUP_THRESH * mss or self.tlp_done or (pos == una and self.dupacks >= DUP_THRESH)
+                )
+                if not lost:
+                    break
+                while pos < start:
+                    n = min(room, start - pos)
+                    self._emit(pos, F_ACK, self.snd_buf[pos - base : pos - base + n])
+                    self.retransmits += 1
+                    pos += n
+                self.rtt_seq = None  # Karn
+                self.rexmit_mark = self.snd_max
+            above -= end - start
+            pos = max(pos, end)
+        self.rexmit_hi = pos
 
     def _our_fin_acked(self, nxt: State, now: float) -> bool:
         if nxt is State.CLOSED:
@@ -569,8 +694,14 @@ class Connection:
             self.abort(CloseReason.ABORTED)  # the owner will read no more: RST, as Linux does
             return
         if seq != nxt:
-            self.ooo.insert(seq, payload)
-            self._emit_ack()  # a duplicate ACK for the peer's fast retransmit
+            if self.ooo.insert(seq, payload):
+                self.ooo_latest = seq
+            if self.sack_ok:
+                # The SACK blocks of one ACK per flush tell the peer all it needs.
+                self.ack_now = True
+                self.host.wake(self)
+            else:
+                self._emit_ack()  # a duplicate ACK for each, to count for the peer's fast retransmit
             return
         self.rcv_buf += payload
         nxt += n
@@ -754,12 +885,14 @@ class Connection:
         buf = self.snd_buf
         data_end = base + len(buf)
         nxt = self.snd_nxt
-        mss = self.snd_mss
-        edge = self.snd_una + min(self.snd_wnd, self.cwnd)
+        # SACKed bytes have left the network: they do not count against the congestion window.
+        edge = self.snd_una + min(self.snd_wnd, self.cwnd + self.sacked_bytes)
         sent = False
         if nxt < data_end:
             window = self._window_field()
             ack = self.rcv_nxt & MASK
+            options = self._sack_option() if self.ooo and self.sack_ok else b""
+            mss = self.snd_mss - len(options)  # = _payload_room()
             writer = self.writer
             out = self.host.out
             fin = self.fin_queued
@@ -773,7 +906,7 @@ class Connection:
                 flags = F_ACK
                 if end == data_end:
                     flags |= F_PSH | F_FIN if fin else F_PSH
-                out.append(writer.segment(nxt & MASK, ack, flags, window, buf[off : off + n]))
+                out.append(writer.segment(nxt & MASK, ack, flags, window, buf[off : off + n], options))
                 if flags & F_FIN:
                     end += 1
                 if end <= self.snd_max:
@@ -799,7 +932,7 @@ class Connection:
                 self.persist = False
                 self.rto_at = None
             if self.rto_at is None:
-                self._arm_rto(now + self.rtt.rto)
+                self._arm_loss_timer(now)
         elif nxt < data_end and self.snd_nxt <= self.snd_una and self.rto_at is None:
             # Data waits for a window and nothing in flight will bring an ACK: probe (RFC 9293 3.8.6.1).
             self.persist = True
@@ -809,7 +942,9 @@ class Connection:
         """Send again the first unacknowledged segment (fast retransmit, NewReno partial ACK)."""
         una = self.snd_una
         data_end = self.snd_base + len(self.snd_buf)
-        n = min(self.snd_mss, data_end - una)
+        # Never past SND.MAX: bytes beyond it were never sent, and counting them as sent is the
+        # transmit path's business.
+        n = min(self._payload_room(), data_end - una, self.snd_max - una)
         flags = F_ACK
         if self.fin_queued and una + n == data_end and self.snd_max > data_end:
             flags |= F_FIN
@@ -819,12 +954,24 @@ class Connection:
         self._emit(una, flags | F_PSH if n else flags, self.snd_buf[off : off + max(n, 0)])
         self.retransmits += 1
         self.rtt_seq = None  # Karn
+        self.rexmit_hi = una + max(n, 0)
+        self.rexmit_mark = self.snd_max
 
     def _emit(self, seq: int, flags: int, payload: bytes | bytearray) -> None:
         window = self._window_field()
-        self.host.out.append(self.writer.segment(seq & MASK, self.rcv_nxt & MASK, flags, window, payload))
+        options = self._sack_option() if self.ooo and self.sack_ok else b""
+        self.host.out.append(
+            self.writer.segment(seq & MASK, self.rcv_nxt & MASK, flags, window, payload, options)
+        )
         self.ack_pending = 0
         self.ack_now = False
+
+    def _answer(self, now: float) -> None:
+        """ACK a segment we will not take (unacceptable, a challenge): at most one per interval, as
+        RFC 5961 section 7 advises, so that two confused ends cannot keep answering each other."""
+        if now - self.answered_at >= self.config.answer_interval:
+            self.answered_at = now
+            self._emit_ack()
 
     def _emit_ack(self) -> None:
         # SND.MAX, not SND.NXT: after a go-back-N rewind an ACK from SND.NXT would carry a sequence
@@ -834,6 +981,24 @@ class Connection:
     def _emit_bare(self, seq_raw: int, ack_raw: int, flags: int) -> None:
         """A segment that is not part of our stream (RST answers); window 0."""
         self.host.out.append(self.writer.segment(seq_raw, ack_raw, flags, 0))
+
+    def _payload_room(self) -> int:
+        """Payload bytes per segment now: the MSS less the SACK option our segments carry, if any."""
+        if self.ooo and self.sack_ok:
+            return self.snd_mss - 4 - 8 * min(len(self.ooo), MAX_SACK_BLOCKS)
+        return self.snd_mss
+
+    def _sack_option(self) -> bytes:
+        """SACK blocks for what the assembler holds, the one with the latest arrival first (RFC 2018)."""
+        ranges = self.ooo.ranges()
+        latest = next((r for r in ranges if r[0] <= self.ooo_latest < r[1]), None)
+        blocks = [latest] if latest is not None else []
+        blocks += [r for r in reversed(ranges) if r is not latest][: MAX_SACK_BLOCKS - len(blocks)]
+        return (
+            b"\x01\x01\x05"
+            + bytes((2 + 8 * len(blocks),))
+            + b"".join(_SACK_BLOCK.pack(left & MASK, right & MASK) for left, right in blocks)
+        )
 
     def _window_field(self) -> int:
         """The window to advertise now, raw; moves the advertised right edge only by useful amounts."""
@@ -860,6 +1025,26 @@ class Connection:
             return rto
         return min(rto, deadline)
 
+    def _arm_loss_timer(self, now: float) -> None:
+        """Arm the tail loss probe if it applies (RFC 8985 7.2), the retransmission timeout otherwise."""
+        rto = self.rtt.rto
+        srtt = self.rtt.srtt
+        if (
+            self.config.tail_loss_probe
+            and srtt is not None
+            and not self.tlp_done
+            and not self.in_recovery
+            and self.retries == 0
+            and self.snd_max - self.snd_una > self.snd_mss  # one segment may wait for a delayed ACK
+        ):
+            pto = max(2 * srtt, TLP_MIN)
+            if pto < rto:
+                self.tlp_armed = True
+                self._arm_rto(now + pto)
+                return
+        self.tlp_armed = False
+        self._arm_rto(now + rto)
+
     def _arm_rto(self, when: float) -> None:
         self.rto_at = when
         self.host.schedule(self, when)
@@ -878,6 +1063,8 @@ class Connection:
             self.rto_at = None
             if self.persist:
                 self._probe(now)
+            elif self.tlp_armed:
+                self._tail_loss_probe(now)
             else:
                 self._retransmit_timeout(now)
 
@@ -916,9 +1103,29 @@ class Connection:
         self.in_recovery = False
         self.dupacks = 0
         self.recover = self.snd_max
+        self.tlp_armed = False
+        self.sacked.clear()  # RFC 2018: the receiver may have dropped what it SACKed
+        self.sacked_bytes = 0
         self.rtt_seq = None  # Karn
         self.snd_nxt = self.snd_una  # go back N: everything after SND.UNA may be lost
         self._send_data(now)
+
+    def _tail_loss_probe(self, now: float) -> None:
+        """Resend the last segment sent, so that its ACK (with SACK) tells what is missing below it."""
+        self.tlp_armed = False
+        if self.snd_nxt <= self.snd_una or self.state not in SENDING:
+            return
+        self.tlp_done = True
+        data_end = self.snd_base + len(self.snd_buf)
+        fin = self.fin_queued and self.snd_max > data_end
+        end = min(self.snd_max, data_end)
+        n = min(self._payload_room(), end - self.snd_una)
+        start = end - n
+        off = start - self.snd_base
+        self._emit(start, F_ACK | F_FIN if fin else F_ACK, self.snd_buf[off : off + n])
+        self.retransmits += 1
+        self.rtt_seq = None  # Karn
+        self._arm_rto(now + self.rtt.rto)
 
     def _probe(self, now: float) -> None:
         self.persist = False
@@ -928,7 +1135,7 @@ class Connection:
         usable = self.snd_una + min(self.snd_wnd, self.cwnd) - self.snd_nxt
         if usable > 0:
             # A window too small for the silly-window rule: send what fits rather than wait forever.
-            n = min(usable, self.snd_mss, data_end - self.snd_nxt)
+            n = min(usable, self._payload_room(), data_end - self.snd_nxt)
             off = self.snd_nxt - self.snd_base
             self._emit(self.snd_nxt, F_ACK | F_PSH, self.snd_buf[off : off + n])
             self.snd_nxt += n

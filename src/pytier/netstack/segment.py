@@ -1,10 +1,10 @@
 """Building the packets a connection sends.
 
-Segments without options (every data segment, ACK and RST of a connection) come from a per-connection
-`SegmentWriter`: one `struct` call for both headers, with both checksums finished from sums of the fixed
-fields taken once per connection, so a segment costs one sum over its payload and one concatenation.
-Segments with options (SYN, SYN|ACK) and answers to packets of unknown connections are rare and go
-through the validated codecs in `pytier.wire` instead.
+Every data segment, ACK and RST of a connection comes from a per-connection `SegmentWriter`: one
+`struct` call for both headers, with both checksums finished from sums of the fixed fields taken once
+per connection, so a segment costs one sum over its payload and one concatenation. The only option
+these segments carry is SACK, prebuilt by the caller. SYN and SYN|ACK (with their options) and answers
+to packets of unknown connections are rare and go through the validated codecs in `pytier.wire`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ __all__ = ["SegmentWriter", "emit_packet"]
 # followed by `wire.tcp.HEADER`.
 _HEADERS = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
 _HEADERS_LEN = 40  # bytes
-_TCP_OFFSET_WORD = 5 << 12  # data offset of a 20-byte header, as the high bits of the flags word
 
 
 def _words(addr: bytes) -> int:
@@ -44,11 +43,24 @@ class SegmentWriter:
         self._ip_sum = 0x4500 + FLAG_DF + ((ttl << 8) | PROTO_TCP) + _words(src) + _words(dst)
         self._tcp_sum = _words(src) + _words(dst) + PROTO_TCP + sport + dport
 
-    def segment(self, seq: int, ack: int, flags: int, window: int, payload: bytes | bytearray = b"") -> bytes:
-        """One packet; `seq` and `ack` are 32-bit, `flags` the low 8 flag bits, `window` the raw field."""
+    def segment(
+        self,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        payload: bytes | bytearray = b"",
+        options: bytes = b"",
+    ) -> bytes:
+        """One packet; `seq` and `ack` are 32-bit, `flags` the low 8 flag bits, `window` the raw field.
+
+        `options` is laid out already (a multiple of 4 bytes, at most 40).
+        """
         n = len(payload)
-        tcp_len = 20 + n
-        ip_sum = (self._ip_sum + _HEADERS_LEN + n) % 0xFFFF
+        olen = len(options)
+        tcp_len = 20 + olen + n
+        ip_sum = (self._ip_sum + _HEADERS_LEN + olen + n) % 0xFFFF
+        offset = (20 + olen) << 2  # data offset in 32-bit words, in the high nibble
         s = (
             self._tcp_sum
             + tcp_len
@@ -56,9 +68,11 @@ class SegmentWriter:
             + (seq & 0xFFFF)
             + (ack >> 16)
             + (ack & 0xFFFF)
-            + (_TCP_OFFSET_WORD | flags)
+            + (offset << 8 | flags)
             + window
         )
+        if olen:
+            s += int.from_bytes(options, "big")  # an even length: its words line up with the header's
         if n:
             # The payload read as one big-endian number is congruent to the sum of its words mod
             # 0xFFFF (see wire.checksum); an odd tail byte is the high byte of a padded word.
@@ -66,30 +80,28 @@ class SegmentWriter:
         s %= 0xFFFF
         # The data are never all zero (the protocol word is not), so a remainder of 0 is a sum of
         # 0xFFFF, whose complement is 0.
-        return (
-            _HEADERS.pack(
-                0x45,
-                0,
-                _HEADERS_LEN + n,
-                0,
-                FLAG_DF,
-                self._ttl,
-                PROTO_TCP,
-                0xFFFF - ip_sum if ip_sum else 0,
-                self._src,
-                self._dst,
-                self._sport,
-                self._dport,
-                seq,
-                ack,
-                0x50,
-                flags,
-                window,
-                0xFFFF - s if s else 0,
-                0,
-            )
-            + payload
+        header = _HEADERS.pack(
+            0x45,
+            0,
+            _HEADERS_LEN + olen + n,
+            0,
+            FLAG_DF,
+            self._ttl,
+            PROTO_TCP,
+            0xFFFF - ip_sum if ip_sum else 0,
+            self._src,
+            self._dst,
+            self._sport,
+            self._dport,
+            seq,
+            ack,
+            offset,
+            flags,
+            window,
+            0xFFFF - s if s else 0,
+            0,
         )
+        return header + options + payload if olen else header + payload
 
 
 def emit_packet(src: IPv4Address, dst: IPv4Address, segment: TcpRepr, ttl: int) -> bytes:

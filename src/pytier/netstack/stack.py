@@ -159,19 +159,21 @@ class NetStack:
             conn.state = State.CLOSED
             self.retire(conn)
             conn = None
-        syn: TcpRepr | None = None
-        if flags & F_SYN:
+        # Options matter in a SYN, and later only as SACK blocks (no timestamps are negotiated): the few
+        # segments that carry any are parsed whole by the codec; the rest never are.
+        opts: TcpRepr | None = None
+        if flags & F_SYN or thl > 20:
             try:
-                syn = TcpRepr.parse(packet[12:16], packet[16:20], packet[hl:tlen], verify_checksum=False)
+                opts = TcpRepr.parse(packet[12:16], packet[16:20], packet[hl:tlen], verify_checksum=False)
             except WireError:
                 self.drops["malformed tcp"] += 1
                 return
         if conn is None:
-            self._no_connection(packet, hl, tlen, sport, dport, seq, ack, flags, syn, now)
+            self._no_connection(packet, hl, tlen, sport, dport, seq, ack, flags, opts, now)
             return
         start = hl + thl
         payload = memoryview(packet)[start:tlen] if tlen > start else b""
-        conn.on_segment(seq, ack, flags, window, payload, syn, now)
+        conn.on_segment(seq, ack, flags, window, payload, opts, now)
 
     def _no_connection(
         self,
