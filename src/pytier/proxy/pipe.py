@@ -101,7 +101,8 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, strea
 def _reset(writer: asyncio.StreamWriter) -> None:
     """Close with RST rather than FIN, so the application sees the failure as a failure."""
     sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
+    # On a transport that already closed, uvloop hands out a stand-in socket with fd -1.
+    if sock is not None and sock.fileno() >= 0:
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
