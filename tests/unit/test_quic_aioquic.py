@@ -17,9 +17,13 @@ from aioquic import tls
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.rangeset import RangeSet
 from aioquic.quic.recovery import QuicPacketRecovery
 from aioquic.quic.stream import QuicStreamSender
+from hypothesis import given
+from hypothesis import strategies as st
 
+from pytier.transport import quic_aioquic
 from pytier.transport import quic_null_crypto as nc
 from pytier.transport.quic_aioquic import (
     CONGESTION_CONTROL,
@@ -100,6 +104,20 @@ def test_null_crypto_pair() -> None:
     assert pair.key_phase == 0
     with pytest.raises(Exception, match="tag"):
         pair.decrypt_packet(packet[:-1] + bytes([packet[-1] ^ 1]), 9, 8)
+
+
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(1, 20)), max_size=80))
+def test_faster_rangeset_add_gives_aioquics_results(adds: list[tuple[int, int]]) -> None:
+    fast, slow = RangeSet(), RangeSet()
+    for start, length in adds:
+        fast.add(start, start + length)
+        quic_aioquic.ORIGINAL_RANGESET_ADD(slow, start, start + length)
+        assert list(fast) == list(slow)
+    for start, _ in adds[:10]:
+        fast.add(start)
+        quic_aioquic.ORIGINAL_RANGESET_ADD(slow, start)
+        assert list(fast) == list(slow)
+    assert RangeSet.add is quic_aioquic._rangeset_add
 
 
 # ---- a look at the packets ---------------------------------------------------------------------

@@ -24,11 +24,16 @@ fails loudly if an upgrade moves any of them):
   and `BbrPacer` in place of `QuicPacketRecovery._pacer`, so datagrams leave at BBR's pacing rate.
 * The fixed bit: we never advertise grease_quic_bit, so a quinn peer keeps it set and aioquic's
   header parser (which requires it) accepts every packet.
+* Speed: `RangeSet.add` (ACK ranges, received packet numbers, stream reassembly) scans its ranges
+  linearly, which at 10-20% loss, with hundreds of ranges, was the largest single cost of a transfer;
+  it is replaced, process-wide, by a binary search with the same results.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from operator import attrgetter
 from typing import Any
 
 from aioquic import tls
@@ -45,6 +50,7 @@ from aioquic.quic.connection import (
 from aioquic.quic.crypto import CryptoError, KeyUnavailableError
 from aioquic.quic.packet import QuicFrameType, QuicProtocolVersion, decode_packet_number
 from aioquic.quic.packet_builder import QuicPacketBuilder, QuicSentPacket
+from aioquic.quic.rangeset import RangeSet
 from aioquic.quic.recovery import QuicPacketSpace
 
 from pytier.transport import quic_null_crypto
@@ -60,6 +66,39 @@ MAX_STREAMS_BIDI = 255
 CONNECTION_MAX_DATA = 1 << 60
 ACK_DELAY_EXPONENT = 3
 MAX_ACK_DELAY_MS = 25
+
+
+# ---- RangeSet.add ----------------------------------------------------------------------------
+
+_range_stop = attrgetter("stop")
+
+
+def _rangeset_add(self: RangeSet, start: int, stop: int | None = None) -> None:
+    """aioquic's RangeSet.add (merge [start, stop) into sorted, disjoint, non-touching ranges) with a
+    binary search for the first range it can touch instead of a scan from the front."""
+    if stop is None:
+        stop = start + 1
+    assert stop > start
+    ranges: list[range] = self._RangeSet__ranges  # type: ignore[attr-defined]
+    i = bisect_left(ranges, start, key=_range_stop)  # first range with r.stop >= start
+    if i == len(ranges):
+        ranges.append(range(start, stop))
+        return
+    first = ranges[i]
+    if stop < first.start:
+        ranges.insert(i, range(start, stop))
+        return
+    start = min(start, first.start)
+    j = i + 1
+    stop = max(stop, first.stop)
+    while j < len(ranges) and ranges[j].start <= stop:
+        stop = max(stop, ranges[j].stop)
+        j += 1
+    ranges[i:j] = [range(start, stop)]
+
+
+ORIGINAL_RANGESET_ADD = RangeSet.add
+RangeSet.add = _rangeset_add  # type: ignore[method-assign]
 
 
 # ---- packet protection ------------------------------------------------------------------------
