@@ -10,8 +10,10 @@ measured in the same run on the same testbed:
     kernel          kernel TCP over the bare emulated link
     pytier-plain    two pytier-core nodes, UDP tunnel, no proxy
     pytier-kcp      the same with --enable-kcp-proxy on the source node B
+    pytier-quic     the same with --enable-quic-proxy on the source node B (QUIC with BBR)
     easytier-plain  EasyTier 2.6.4 (easytier-pyo3), UDP tunnel
     easytier-kcp    the same with enable_kcp_proxy on B
+    easytier-quic   the same with enable_quic_proxy on B
     kcptun          kcptun (Debian package) client in B, server in A forwarding to the servers;
                     mode fast3, sndwnd/rcvwnd 2048, nocomp, its default FEC (10 data + 3 parity)
                     and crypt (aes)
@@ -70,8 +72,10 @@ ROWS: dict[str, str] = {
     "kernel": "kernel TCP, bare link",
     "pytier-plain": "pytier plain, udp tunnel",
     "pytier-kcp": "pytier KCP proxy",
+    "pytier-quic": "pytier QUIC proxy (BBR)",
     "easytier-plain": "EasyTier 2.6.4 plain, udp",
     "easytier-kcp": "EasyTier 2.6.4 KCP proxy",
+    "easytier-quic": "EasyTier 2.6.4 QUIC proxy",
     "kcptun": "kcptun fast3 (FEC 10/3)",
 }
 
@@ -87,6 +91,7 @@ class RowSetup:
     carrier_a: int | None = None  # PID in A expected to hold the connection to the server; None: direct
     procs: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)  # "A"/"B": CPU reported, must live
     pytier_src: PytierNode | None = None
+    proxy_kind: str = "Kcp"  # the transport_type pytier-cli proxy on B must show, when carrier_a is set
     logs: list[Path] = field(default_factory=list)
 
 
@@ -144,29 +149,32 @@ def setup_kernel(tb: Testbed, link: EmulatedLink) -> RowSetup:
     return RowSetup(str(link.ip_a), str(link.ip_a))
 
 
-def setup_pytier(tb: Testbed, link: EmulatedLink, kcp: bool) -> RowSetup:
+def setup_pytier(tb: Testbed, link: EmulatedLink, kcp: bool, quic: bool = False) -> RowSetup:
     na = PytierNode(tb, link.a, [*NET, "-i", f"{VIP_A}/24", "-l", "udp://0.0.0.0:11010"],
                     name="bench-a").start()
     nb = PytierNode(tb, link.b, [*NET, "-i", f"{VIP_B}/24", "--no-listener", "-p", f"udp://{link.ip_a}:11010",
-                                 *(["--enable-kcp-proxy"] if kcp else [])], name="bench-b").start()
+                                 *(["--enable-kcp-proxy"] if kcp else []),
+                                 *(["--enable-quic-proxy"] if quic else [])], name="bench-b").start()
     nb.wait_route(VIP_A, timeout=60)
     assert na.proc is not None and nb.proc is not None
-    return RowSetup(VIP_A, VIP_A, carrier_a=na.proc.pid if kcp else None, procs={"A": na.proc, "B": nb.proc},
-                    pytier_src=nb, logs=[na.log_path, nb.log_path])
+    return RowSetup(VIP_A, VIP_A, carrier_a=na.proc.pid if kcp or quic else None,
+                    procs={"A": na.proc, "B": nb.proc}, pytier_src=nb, logs=[na.log_path, nb.log_path],
+                    proxy_kind="Quic" if quic else "Kcp")
 
 
-def setup_easytier(tb: Testbed, link: EmulatedLink, kcp: bool) -> RowSetup:
+def setup_easytier(tb: Testbed, link: EmulatedLink, kcp: bool, quic: bool = False) -> RowSetup:
     common: dict[str, Any] = {"network_name": "bench", "network_secret": "bench-secret"}
     ea = EasyTierNode(tb, link.a, name="et-a", ipv4=f"{VIP_A}/24", listeners=["udp://0.0.0.0:11010"],
                       peers=[], **common).start()
+    flags = {"enable_kcp_proxy": True} if kcp else {"enable_quic_proxy": True} if quic else None
     eb = EasyTierNode(tb, link.b, name="et-b", ipv4=f"{VIP_B}/24", listeners=[],
-                      peers=[f"udp://{link.ip_a}:11010"], flags={"enable_kcp_proxy": True} if kcp else None,
-                      **common).start()
+                      peers=[f"udp://{link.ip_a}:11010"], flags=flags, **common).start()
     eb.wait_route(VIP_A, timeout=60)
     wait_for(lambda: link.b.run(["ip", "route", "get", VIP_A], check=False).returncode == 0, 10,
              "EasyTier TUN route")
     assert ea.proc is not None and eb.proc is not None
-    return RowSetup(VIP_A, VIP_A, carrier_a=ea.proc.pid if kcp else None, procs={"A": ea.proc, "B": eb.proc})
+    return RowSetup(VIP_A, VIP_A, carrier_a=ea.proc.pid if kcp or quic else None,
+                    procs={"A": ea.proc, "B": eb.proc})
 
 
 def setup_kcptun(tb: Testbed, link: EmulatedLink, logdir: Path) -> RowSetup:
@@ -192,10 +200,10 @@ def setup_kcptun(tb: Testbed, link: EmulatedLink, logdir: Path) -> RowSetup:
 def setup(row: str, tb: Testbed, link: EmulatedLink, logdir: Path) -> RowSetup:
     if row == "kernel":
         return setup_kernel(tb, link)
-    if row in ("pytier-plain", "pytier-kcp"):
-        return setup_pytier(tb, link, kcp=row == "pytier-kcp")
-    if row in ("easytier-plain", "easytier-kcp"):
-        return setup_easytier(tb, link, kcp=row == "easytier-kcp")
+    if row in ("pytier-plain", "pytier-kcp", "pytier-quic"):
+        return setup_pytier(tb, link, kcp=row == "pytier-kcp", quic=row == "pytier-quic")
+    if row in ("easytier-plain", "easytier-kcp", "easytier-quic"):
+        return setup_easytier(tb, link, kcp=row == "easytier-kcp", quic=row == "easytier-quic")
     return setup_kcptun(tb, link, logdir)
 
 
@@ -244,7 +252,7 @@ def probe_rtt(link: EmulatedLink, via: RowSetup, cell: Cell, count: int, seconds
                               f"expected {via.carrier_a}")
         if via.pytier_src is not None:
             kinds = sorted({r["transport_type"] for r in via.pytier_src.cli("proxy")})
-            expected = ["Kcp"] if via.carrier_a is not None else []
+            expected = [via.proxy_kind] if via.carrier_a is not None else []
             if kinds != expected:
                 cell.notes.append(f"PATH CHECK FAILED: pytier-cli proxy on B shows {kinds}, "
                                   f"expected {expected}")
