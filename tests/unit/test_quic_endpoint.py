@@ -256,3 +256,12 @@ def test_stats() -> None:
     stats = net.a.stats(ha)
     assert set(stats) == {"rtt_ms", "retrans", "bbr_state", "bw_mbit"}
     assert stats["bbr_state"] in ("startup", "drain", "probe_bw", "probe_rtt")
+
+
+def test_late_data_of_an_aborted_stream_is_not_a_new_stream() -> None:
+    net = Net()
+    ha, hb = connected_stream(net)
+    net.a.send(ha, b"\x00\x03abc" * 4000)  # in flight toward B (and shaped like a stream header) ...
+    net.b.abort(hb)  # ... when B is done with the stream
+    net.advance(0.5)
+    assert len(net.of(B, IncomingStream)) == 1

@@ -112,6 +112,8 @@ class _Conn:
     streams: dict[int, _Stream] = field(default_factory=dict)
     idle_since: float | None = None
     ping_ids: itertools.count[int] = field(default_factory=itertools.count)
+    # Streams we are done with that aioquic still holds: their late frames are not new streams.
+    done_ids: set[int] = field(default_factory=set)
 
     @property
     def send_type(self) -> int:
@@ -271,6 +273,8 @@ class QuicEndpoint:
         conn = stream.conn
         conn.streams.pop(stream.stream_id, None)
         conn.quic.forget_stream(stream.stream_id)
+        if conn.quic.stream_known(stream.stream_id):
+            conn.done_ids.add(stream.stream_id)
         if not conn.streams:
             conn.idle_since = conn.last_sent
 
@@ -366,6 +370,8 @@ class QuicEndpoint:
             for stream in list(conn.streams.values()):
                 if stream.header_deadline is not None and now >= stream.header_deadline:
                     self.abort(stream.handle)
+            if conn.done_ids:
+                conn.done_ids = {sid for sid in conn.done_ids if quic.stream_known(sid)}
             self._drain(conn, now)
 
     def _conns(self) -> list[_Conn]:
@@ -399,7 +405,7 @@ class QuicEndpoint:
         if found is not None:
             stream = found
         else:
-            if conn.is_client or stream_id & 0x3 != 0:
+            if conn.is_client or stream_id & 0x3 != 0 or stream_id in conn.done_ids:
                 return  # a late frame of a stream we forgot, or a kind we never accept
             if fin and not data:
                 return
