@@ -64,6 +64,10 @@ class Flow:
     outgoing: bytes
     hold: int = 0  # trailing bytes sent only once the peer has finished
     refuse: bool = False
+    accept_after: float = 0.0  # seconds the SYN is held before the stack answers it
+    syn_at: float = 0.0
+    held: bool = False  # a SYN waits for accept
+    accepted_at: float | None = None
     sent: int = 0
     received: bytearray = field(default_factory=bytearray)
     connected: bool = False
@@ -129,11 +133,12 @@ class Pump:
         while (event := stack.next_event()) is not None:
             if isinstance(event, SynReceived):
                 flow = self.make_flow(event)
+                flow.syn_at = time.monotonic()
                 self.flows[event.handle] = flow
                 if flow.refuse:
                     stack.refuse(event.handle)
                 else:
-                    stack.accept(event.handle)
+                    flow.held = True
                 continue
             flow = self.flows[event.handle]
             if isinstance(event, Connected):
@@ -148,6 +153,10 @@ class Pump:
             elif isinstance(event, Writable):
                 pass
         for handle, flow in self.flows.items():
+            if flow.held and time.monotonic() >= flow.syn_at + flow.accept_after:
+                flow.held = False
+                flow.accepted_at = time.monotonic()
+                stack.accept(handle)
             if flow.closed is not None or not flow.connected or flow.shut:
                 continue
             limit = len(flow.outgoing) - (0 if flow.peer_finished else flow.hold)
@@ -330,6 +339,19 @@ def test_refused_syn_reaches_the_kernel_client_as_connection_refused(testbed: Te
         with pytest.raises(TimeoutError):
             ignored.connect(("10.144.144.9", 80))
         assert node.pump.stack.drops["not ours"] >= 1
+
+
+def test_a_held_syn_is_answered_when_the_owner_accepts(testbed: Testbed) -> None:
+    # The proxy holds the SYN while it reaches the far end; the kernel client waits in connect().
+    with netstack_node(testbed, lambda syn: Flow(b"", accept_after=0.5)) as node:
+        client = node.socket()
+        client.connect((str(PEER), 8080))
+        connected_at = time.monotonic()
+        [flow] = node.pump.flows.values()
+        assert flow.accepted_at is not None and flow.accepted_at <= connected_at
+        assert flow.accepted_at - flow.syn_at >= 0.5
+        client.sendall(b"after the wait")
+        wait_for(lambda: flow.received == b"after the wait", "the data")
 
 
 def test_stack_connects_to_a_kernel_listener(testbed: Testbed) -> None:

@@ -1074,3 +1074,13 @@ def test_tail_loss_probe_resends_the_last_segment_long_before_the_rto() -> None:
     peer.send(F.ACK)
     assert h.stack.info(handle).send_buffered == 0
     assert h.tick(5.0) == []  # nothing outstanding, nothing fires
+
+
+def test_answers_to_unacceptable_segments_are_rate_limited() -> None:
+    h, peer, _handle = open_pair()
+    for _ in range(5):
+        peer.send(F.ACK, b"old", seq=peer.seq - 100)  # stale data, as a confused peer might keep sending
+    assert len(h.out()) == 1
+    h.tick(CFG.answer_interval)
+    peer.send(F.ACK, b"old", seq=peer.seq - 100)
+    assert len(h.out()) == 1

@@ -82,10 +82,11 @@ class State(Enum):
     CLOSED = "closed"
 
 
+# Tuples, not sets: `in` tests identity first, where a set would call Enum's Python-level __hash__.
 # States whose send side still has bytes (data or our FIN) to send or retransmit.
-SENDING = frozenset({State.ESTABLISHED, State.CLOSE_WAIT, State.FIN_WAIT_1, State.LAST_ACK, State.CLOSING})
+SENDING = (State.ESTABLISHED, State.CLOSE_WAIT, State.FIN_WAIT_1, State.LAST_ACK, State.CLOSING)
 # States in which the peer may still send data.
-RECEIVING = frozenset({State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2})
+RECEIVING = (State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2)
 # What the owner's shutdown_write does to a synchronized state.
 _ON_SHUTDOWN = {State.ESTABLISHED: State.FIN_WAIT_1, State.CLOSE_WAIT: State.LAST_ACK}
 # What the peer's FIN does.

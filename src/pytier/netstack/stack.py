@@ -41,7 +41,7 @@ from pytier.netstack.events import (
     SynReceived,
 )
 from pytier.netstack.segment import emit_packet
-from pytier.wire import checksum, ipv4
+from pytier.wire import ipv4
 from pytier.wire.errors import WireError
 from pytier.wire.ipv4 import PROTO_TCP
 from pytier.wire.tcp import HEADER as TCP_HEADER
@@ -117,29 +117,40 @@ class NetStack:
         self.packets_in += 1
         if type(packet) is not bytes:
             packet = bytes(packet)
-        try:
-            hl = ipv4.check(packet)
-        except WireError:
-            self.drops["malformed ipv4"] += 1
-            return
+        n = len(packet)
+        if n >= 40 and packet[0] == 0x45:  # the usual case, without IPv4 options: checks inline
+            hl = 20
+            tlen = (packet[2] << 8) | packet[3]
+            if not 40 <= tlen <= n:
+                self.drops["malformed ipv4"] += 1
+                return
+        else:
+            try:
+                hl = ipv4.check(packet)
+            except WireError:
+                self.drops["malformed ipv4"] += 1
+                return
+            tlen = ipv4.total_len(packet)
+            if tlen - hl < 20:
+                self.drops["malformed tcp"] += 1
+                return
         if packet[9] != PROTO_TCP:
             self.drops["not tcp"] += 1
             return
         if ipv4.is_fragment(packet):
             self.drops["fragment"] += 1
             return
-        tlen = ipv4.total_len(packet)
-        if tlen - hl < 20:
-            self.drops["malformed tcp"] += 1
-            return
         if self.config.verify_checksums:
-            if not checksum.verify(packet[:hl]):
+            # Sums mod 0xFFFF, as wire.checksum explains: a valid header sums to 0 and so adds nothing
+            # to the whole packet's sum, so one pass over the packet as it is checks the segment,
+            # together with the pseudo-header (the 8 address bytes, the protocol and the length).
+            if int.from_bytes(packet[:hl], "big") % 0xFFFF:
                 self.drops["ipv4 checksum"] += 1
                 return
-            # With the IPv4 header summing to zero, the whole packet sums to what the TCP segment does,
-            # so one pass over the packet as it is checks the segment without slicing it out.
-            pseudo = checksum.pseudo_header_sum(packet[12:16], packet[16:20], PROTO_TCP, tlen - hl)
-            if not checksum.verify(packet if tlen == len(packet) else packet[:tlen], pseudo):
+            whole = int.from_bytes(packet if tlen == n else packet[:tlen], "big")
+            if tlen & 1:
+                whole <<= 8
+            if (whole + int.from_bytes(packet[12:20], "big") + PROTO_TCP + tlen - hl) % 0xFFFF:
                 self.drops["tcp checksum"] += 1
                 return
         sport, dport, seq, ack, offset, flags, window, _, _ = TCP_HEADER.unpack_from(packet, hl)
@@ -147,7 +158,8 @@ class NetStack:
         if thl < 20 or hl + thl > tlen or sport == 0 or dport == 0:
             self.drops["malformed tcp"] += 1
             return
-        key = packet[12:20] + packet[hl : hl + 4]
+        # addresses then ports, as _key() spells it; contiguous when there are no IPv4 options
+        key = packet[12:24] if hl == 20 else packet[12:20] + packet[hl : hl + 4]
         conn = self._by_key.get(key)
         if (
             conn is not None
