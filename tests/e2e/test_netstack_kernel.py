@@ -13,6 +13,8 @@ import os
 import random
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +52,26 @@ PUMP_LIMIT = 240.0  # seconds; the pump never runs longer than this
 FLOW = 20 * 1024 * 1024  # bytes each way
 CHUNK = 256 * 1024  # bytes per sendall/recv call on the kernel side
 HOLD = 1024 * 1024  # bytes the side that closes second sends only after the other side's FIN
+BENCH = int(os.environ.get("PYTIER_NETSTACK_BENCH_MIB", "100")) * 1024 * 1024  # bytes, one way
+
+# A kernel-side client in its own process, so that it does not share the pump's GIL: it sends N zero
+# bytes and half-closes ("up"), or reads to EOF ("down"), then prints the byte count.
+BENCH_CLIENT = """
+import socket, sys
+host, port, mode, size = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+sock = socket.create_connection((host, port), timeout=60)
+got = 0
+if mode == "up":
+    chunk = bytes(256 * 1024)
+    while got < size:
+        got += sock.send(memoryview(chunk)[: size - got])
+    sock.shutdown(socket.SHUT_WR)
+    sock.recv(1)
+else:
+    while data := sock.recv(256 * 1024):
+        got += len(data)
+print(got)
+"""
 
 
 def ours(tup: FourTuple) -> bool:
@@ -63,6 +85,8 @@ class Flow:
 
     outgoing: bytes
     hold: int = 0  # trailing bytes sent only once the peer has finished
+    keep: bool = True  # keep what arrives (False: count it only)
+    received_bytes: int = 0
     refuse: bool = False
     accept_after: float = 0.0  # seconds the SYN is held before the stack answers it
     syn_at: float = 0.0
@@ -91,7 +115,6 @@ class Pump:
     error: BaseException | None = None
     dropped_in: int = 0
     dropped_out: int = 0
-    bytes_delivered: int = 0
 
     def run(self) -> None:
         try:
@@ -144,8 +167,9 @@ class Pump:
             if isinstance(event, Connected):
                 flow.connected = True
             elif isinstance(event, DataReceived):
-                flow.received += event.data
-                self.bytes_delivered += len(event.data)
+                if flow.keep:
+                    flow.received += event.data
+                flow.received_bytes += len(event.data)
             elif isinstance(event, PeerFinished):
                 flow.peer_finished = True
             elif isinstance(event, ConnectionClosed):
@@ -387,3 +411,27 @@ def test_stack_connects_to_a_kernel_listener(testbed: Testbed) -> None:
         assert len(got) == FLOW and digest(got) == digest(up)
         assert len(flow.received) == FLOW and digest(flow.received) == digest(down)
         report("stack connects to kernel listener", node, elapsed, 2 * FLOW)
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_one_way_throughput_with_a_client_in_its_own_process(testbed: Testbed, direction: str) -> None:
+    """Bulk one way, the kernel's client in a separate process: the figures printed are the stack's."""
+    outgoing = bytes(BENCH) if direction == "down" else b""
+    with netstack_node(testbed, lambda syn: Flow(outgoing, keep=False)) as node:
+        started = time.monotonic()
+        proc = node.ns.popen(
+            [sys.executable, "-c", BENCH_CLIENT, str(SUBNET_HOST), "5001", direction, str(BENCH)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        out, _ = proc.communicate(timeout=PUMP_LIMIT)
+        elapsed = time.monotonic() - started
+        assert proc.returncode == 0
+        [flow] = node.pump.flows.values()
+        wait_for(lambda: flow.closed is not None, "the end of the connection")
+        if direction == "up":
+            assert flow.received_bytes == BENCH
+        else:
+            assert int(out) == BENCH
+        assert flow.closed is CloseReason.FINISHED
+        report(f"one way {direction}, client in its own process", node, elapsed, BENCH)

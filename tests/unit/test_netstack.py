@@ -1084,3 +1084,84 @@ def test_answers_to_unacceptable_segments_are_rate_limited() -> None:
     h.tick(CFG.answer_interval)
     peer.send(F.ACK, b"old", seq=peer.seq - 100)
     assert len(h.out()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# limits and bookkeeping
+
+
+def test_connection_limit_answers_new_syns_with_rst() -> None:
+    h = Harness(NetStackConfig(max_connections=2))
+    for port in (1001, 1002):
+        Peer(h, Endpoint(CLIENT.addr, port)).syn()
+    assert len(h.events()) == 2
+    Peer(h, Endpoint(CLIENT.addr, 1003)).syn()
+    assert h.events() == []
+    [rst] = h.out()
+    assert rst.flags == F.RST | F.ACK and rst.ack == 1001
+    assert h.stack.drops["connection limit"] == 1
+    with pytest.raises(NetStackError, match="connections already open"):
+        h.stack.connect(SERVER, Endpoint(CLIENT.addr, 2000))
+
+
+def test_connect_reuses_a_tuple_left_in_time_wait() -> None:
+    h, peer, handle = open_pair()
+    h.stack.shutdown_write(handle)
+    [fin] = h.out()
+    peer.rcv = fin.seq + 1
+    peer.send(F.ACK | F.FIN)
+    h.out()
+    h.events()
+    assert h.stack.time_wait_count == 1
+    again = h.stack.connect(SERVER, CLIENT)  # the same four-tuple, from our side this time
+    [syn] = h.out()
+    assert syn.flags == F.SYN and again != handle
+    assert h.stack.time_wait_count == 0 and h.stack.connection_count == 1
+
+
+def test_timer_entries_of_finished_connections_do_not_pile_up() -> None:
+    h = Harness()
+    for port in range(1000, 1300):
+        Peer(h, Endpoint(CLIENT.addr, port)).syn()
+        [event] = h.events()
+        h.stack.refuse(event.handle)  # each left a timer entry (its accept timeout) behind
+        h.out()
+        h.events()
+    assert h.stack.connection_count == 0
+    assert len(h.stack._timers) <= 64 + 1
+    assert h.stack.get_timer() is None
+
+
+def test_syns_to_or_from_multicast_addresses_are_ignored() -> None:
+    h = Harness()
+    Peer(h, them=Endpoint(IPv4Address("224.0.0.9"), 80)).syn()
+    Peer(h, me=Endpoint(IPv4Address("255.255.255.255"), 80)).syn()
+    assert h.out() == [] and h.events() == []
+    assert h.stack.drops["multicast"] == 2
+
+
+def test_send_after_a_reset_the_owner_has_not_seen_yet_takes_nothing() -> None:
+    h, peer, handle = open_pair()
+    peer.send(F.RST)
+    assert h.stack.send(handle, b"too late") == 0  # ConnectionClosed is still queued
+    h.stack.shutdown_write(handle)
+    h.stack.close(handle)
+    h.stack.abort(handle)
+    assert h.out() == []
+    assert h.events() == [ConnectionClosed(handle, CloseReason.RESET)]
+    with pytest.raises(NetStackError):
+        h.stack.send(handle, b"x")
+
+
+def test_close_after_shutdown_write_makes_an_orphan_that_times_out() -> None:
+    config = NetStackConfig(fin_wait2_timeout=3.0)
+    h, peer, handle = open_pair(config)
+    h.stack.shutdown_write(handle)
+    [fin] = h.out()
+    peer.rcv = fin.seq + 1
+    peer.send(F.ACK)
+    h.tick(10.0)  # half-closed, the owner still reading: no timeout
+    assert h.stack.info(handle).state == "fin-wait-2"
+    h.stack.close(handle)
+    h.tick(3.1)
+    assert h.events() == [ConnectionClosed(handle, CloseReason.TIMEOUT)]

@@ -366,8 +366,8 @@ class Connection:
         self._arm_rto(now + self.rtt.rto)
 
     def _on_syn_sent(self, seq_raw: int, ack_raw: int, flags: int, syn: TcpRepr | None, now: float) -> bool:
-        # `syn` is the parsed segment; a SYN always has one
-        """RFC 9293 3.10.7.3. Return True when the segment's text and FIN remain to be processed."""
+        """RFC 9293 3.10.7.3. `syn` is the parsed segment (a SYN always has one). Return True when
+        the segment's text and FIN remain to be processed."""
         if flags & F_ACK:
             ack = unwrap(ack_raw, self.snd_una)
             if ack != self.iss + 1:
@@ -799,13 +799,10 @@ class Connection:
         self.paused = True
 
     def resume_reading(self) -> None:
-        if not self.paused:
-            return
-        self.paused = False
-        self._deliver()
-        if self.state is not State.CLOSED and self._window_would_open():
-            self.ack_now = True
-            self.host.wake(self)
+        """Deliver again; the window reopens (with an update if worth one) as the owner takes the data."""
+        if self.paused:
+            self.paused = False
+            self._deliver()
 
     # ------------------------------------------------------------------------------------------
     # sending
