@@ -428,6 +428,8 @@ class Node:
             next_hop=self.route.next_hop,
             outbound=outbound,
             inbound=inbound,
+            userspace=cfg.use_smoltcp,
+            mtu=cfg.mtu,
         )
         await self.proxy.start()
         if outbound:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from pytier.proxy.entries import EntryState, ProxyEntry
@@ -106,3 +107,42 @@ def _reset(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+async def _copy(src: ProxyStream, dst: ProxyStream, count: Callable[[int], None]) -> None:
+    while True:
+        data = await src.read()
+        if not data:
+            dst.write_eof()
+            return
+        count(len(data))
+        dst.write(data)
+        await dst.drain()
+
+
+async def pipe_streams(local: ProxyStream, remote: ProxyStream, entry: ProxyEntry) -> None:
+    """Like `pipe`, with the client's side a user-space stack connection instead of a socket."""
+    entry.state = EntryState.Connected
+
+    def up(n: int) -> None:
+        entry.tx_bytes += n
+
+    def down(n: int) -> None:
+        entry.rx_bytes += n
+
+    tasks = [asyncio.ensure_future(_copy(local, remote, up)),
+             asyncio.ensure_future(_copy(remote, local, down))]
+    try:
+        await asyncio.gather(*tasks)
+    except (OSError, ConnectionError, EOFError):
+        local.abort()
+        remote.abort()
+    except asyncio.CancelledError:
+        local.abort()
+        remote.abort()
+        raise
+    finally:
+        for task in tasks:
+            task.cancel()
+        local.close()
+        remote.close()

@@ -21,10 +21,12 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
+from pytier.netstack.events import Endpoint
 from pytier.proxy.entries import EntryState, EntryTable, ProxyEntry, TransportType
 from pytier.proxy.nat_hairpin import NatHairpin
-from pytier.proxy.pipe import ProxyStream, pipe
+from pytier.proxy.pipe import ProxyStream, pipe, pipe_streams
 from pytier.proxy.transport import ConnectRefused, Incoming, Transport
+from pytier.proxy.userspace import UserspaceStack
 from pytier.wire.errors import WireError
 from pytier.wire.ipv4 import Ipv4Repr
 from pytier.wire.messages import KcpConnData, RoutePeerInfo, SocketAddr
@@ -66,6 +68,8 @@ class ProxyService:
         next_hop: Callable[[int], int | None],
         outbound: list[Transport],
         inbound: list[Transport],
+        userspace: bool = False,
+        mtu: int = 1360,
     ) -> None:
         self.own = own
         self._own_ip = own.ip.packed
@@ -83,13 +87,21 @@ class ProxyService:
         self._ready: dict[tuple[bytes, int], tuple[ProxyStream, int]] = {}
         self._plain: dict[bytes, _PlainFlow] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._use_userspace = userspace
+        self._mtu = mtu
+        self._userspace: UserspaceStack | None = None
+        self._us_choice: dict[bytes, tuple[int, Transport, ProxyEntry, int]] = {}
         for transport in inbound:
             transport.on_incoming = self._on_incoming
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._outbound:
+        if self._outbound and self._use_userspace:
+            self._userspace = UserspaceStack(mtu=self._mtu, write_tun=self._write_tun, on_syn=self._on_us_syn)
+            log.info("TCP proxy: intercepting with the user-space TCP stack (%s)",
+                     ", ".join(t.kind.name for t in self._outbound))
+        elif self._outbound:
             # A burst of intercepted connections all lands here at once; the default backlog of
             # 100 would drop SYNs and cost the clients a second per retransmit.
             self._listener = await asyncio.start_server(self._on_accept, str(self.own.ip), 0,
@@ -102,6 +114,8 @@ class ProxyService:
         self._spawn(self._sweep())
 
     async def close(self) -> None:
+        if self._userspace is not None:
+            self._userspace.close()
         if self._listener is not None:
             self._listener.close()
         tasks = list(self._tasks)
@@ -155,6 +169,8 @@ class ProxyService:
         if len(pkt) < 40 or pkt[9] != _TCP:
             return False
         hl = (pkt[0] & 0x0F) << 2
+        if self._userspace is not None:
+            return self._on_us_packet(pkt, hl)
         nat = self.nat
         if nat is None:
             return False
@@ -263,6 +279,72 @@ class ProxyService:
             await pipe(reader, writer, stream, entry, outbound=True)
         finally:
             nat.close(client, time.monotonic())
+            self.entries.close(entry_key)
+            log.info("proxy %s -> %s over %s: closed (%d bytes out, %d back)", entry.src, entry.dst,
+                     entry.transport.name, entry.tx_bytes, entry.rx_bytes)
+
+    # ---- source side, user-space mode ---------------------------------------------------------
+
+    def _on_us_packet(self, pkt: bytes, hl: int) -> bool:
+        us = self._userspace
+        assert us is not None
+        key = us.tuple_key(pkt, hl)
+        if us.owns(key):
+            us.feed(key, pkt)
+            return True
+        flags = pkt[hl + 13]
+        if not (flags & _SYN and not flags & _ACK):
+            if self._plain:
+                self._track_plain(pkt, hl, flags)
+            return False
+        src, dst = pkt[12:16], pkt[16:20]
+        if dst == self._own_ip:
+            return False
+        peer = self._peer_for_ip(dst)
+        if peer is None:
+            return False
+        sport, dport = _PORTS.unpack_from(pkt, hl)
+        transport = self.choose(peer)
+        if transport is None:
+            self._start_plain(pkt, hl, src, sport, dst, dport, peer)
+            return False
+        entry = ProxyEntry(_addr_port(src, sport), _addr_port(dst, dport), transport.kind, peer_id=peer)
+        self._us_choice[key] = (peer, transport, entry, self.entries.add(entry))
+        us.feed(key, pkt)
+        return True
+
+    def _on_us_syn(self, handle: int, src: Endpoint, dst: Endpoint) -> None:
+        key = src.addr.packed + dst.addr.packed + src.port.to_bytes(2, "big") + dst.port.to_bytes(2, "big")
+        choice = self._us_choice.pop(key, None)
+        if choice is None:
+            assert self._userspace is not None
+            self._userspace.call(handle, "refuse")
+            return
+        self._spawn(self._connect_us(handle, src, dst, *choice))
+
+    async def _connect_us(self, handle: int, src: Endpoint, dst: Endpoint, peer: int, transport: Transport,
+                          entry: ProxyEntry, entry_key: int) -> None:
+        us = self._userspace
+        assert us is not None
+        conn_data = KcpConnData(src=SocketAddr(src.addr, src.port),
+                                dst=SocketAddr(dst.addr, dst.port)).encode()
+        entry.state = EntryState.ConnectingDst
+        try:
+            remote = await transport.open(peer, conn_data)
+        except (ConnectRefused, OSError, TimeoutError) as exc:
+            self.entries.close(entry_key)
+            log.info("proxy %s -> %s over %s: destination not reached (%s); client gets RST",
+                     entry.src, entry.dst, transport.kind.name, exc)
+            us.call(handle, "refuse")
+            return
+        entry.stats = remote.stats
+        local = us.stream_for(handle)
+        us.call(handle, "accept")
+        log.info("proxy %s -> %s over %s: connected (user-space stack)", entry.src, entry.dst,
+                 transport.kind.name)
+        try:
+            await pipe_streams(local, remote, entry)
+        finally:
             self.entries.close(entry_key)
             log.info("proxy %s -> %s over %s: closed (%d bytes out, %d back)", entry.src, entry.dst,
                      entry.transport.name, entry.tx_bytes, entry.rx_bytes)
