@@ -340,3 +340,27 @@ def test_pacer_releases_datagrams_at_the_pacing_rate() -> None:
     burst = max(2 * 1200, rate * 0.002) + 1200
     assert released <= rate * elapsed + burst
     assert released >= rate * elapsed * 0.8  # and it does send at that rate, not slower
+
+
+def test_two_pytier_nodes_use_larger_datagrams_quinn_gets_1200() -> None:
+    pair = Pair()
+    pair.exchange()
+    assert pair.server is not None
+    sid = pair.client.get_next_available_stream_id()
+    pair.client.send_stream_data(sid, os.urandom(200000))
+    sizes = []
+    for _ in range(20):
+        pair.now += 0.005
+        sizes += [len(d) for d, _ in pair.client.datagrams_to_send(pair.now)]
+    assert max(sizes) == quic_aioquic.PYTIER_DATAGRAM_SIZE
+    # A peer without pytier's parameter (quinn) gets no datagram over 1200 bytes.
+    dcid, scid = os.urandom(20), os.urandom(8)
+    params = TransportParams(
+        initial_source_connection_id=scid, initial_max_data=1 << 30,
+        initial_max_stream_data_bidi_local=1 << 20, initial_max_stream_data_bidi_remote=1 << 20,
+        initial_max_streams_bidi=255, max_idle_timeout_ms=30000, max_udp_payload_size=1200,
+        active_connection_id_limit=2).encode()
+    server = NullCryptoQuicConnection(configuration=make_configuration(is_client=False),
+                                      original_destination_connection_id=dcid)
+    server.receive_datagram(_quinn_like_initial(dcid, scid, params), ("client", 0), 0.0)
+    assert server._max_datagram_size == 1200

@@ -17,6 +17,8 @@ fails loudly if an upgrade moves any of them):
 * Transport parameters: our own codec (quic_params) replaces `_serialize_transport_parameters`,
   so that a client sends no stateless-reset token and no version information, and both sides
   announce max_udp_payload_size 1200, 255 bidirectional streams and no unidirectional ones.
+* Datagram size: 1200 bytes, as quinn is configured; between two pytier nodes, which say so in a private
+  transport parameter, 1380 (`QuicConnection._max_datagram_size`, read by the packet builder).
 * Flow control: aioquic doubles a stream's receive window whenever half is used, whatever the
   application has read; `_write_stream_limits` instead grants credit up to what was consumed plus a
   fixed window, so a slow TCP writer on the far side slows the sender down.
@@ -60,6 +62,10 @@ from pytier.wire.errors import WireError
 
 CONGESTION_CONTROL = "pytier-bbr"
 MAX_UDP_PAYLOAD = 1200
+# Datagram size between two pytier nodes (agreed through a private transport parameter): a peer packet
+# carrying it is as large on the underlay as one carrying a full packet of the default 1380-byte TUN
+# MTU, and every datagram saved is ~30 µs of Python on each side.
+PYTIER_DATAGRAM_SIZE = 1380
 CONNECTION_ID_LENGTH = 8
 MAX_STREAMS_BIDI = 255
 # Connection-level credit is effectively unlimited, as quinn's; the per-stream window does the work.
@@ -323,6 +329,11 @@ class BbrPacer:
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
         return None
 
+    def set_datagram_size(self, size: int) -> None:
+        """Datagrams grew after the handshake: the bucket keeps its two-datagram minimum."""
+        self._size = size
+        self._tokens = max(self._tokens, 2.0 * size)
+
 
 # ---- the connection -----------------------------------------------------------------------------
 
@@ -361,8 +372,8 @@ class NullCryptoQuicConnection(QuicConnection):
         cc = self._loss._cc
         assert isinstance(cc, BbrCongestionControl)
         self.congestion: BbrCongestionControl = cc
-        self._loss._pacer = BbrPacer(  # type: ignore[assignment]
-            cc.bbr, max_datagram_size=configuration.max_datagram_size)
+        self._pacer = BbrPacer(cc.bbr, max_datagram_size=configuration.max_datagram_size)
+        self._loss._pacer = self._pacer  # type: ignore[assignment]
 
     # -- the parts of aioquic replaced ------------------------------------------------------------
 
@@ -395,11 +406,20 @@ class NullCryptoQuicConnection(QuicConnection):
             max_ack_delay_ms=MAX_ACK_DELAY_MS,
             active_connection_id_limit=self._local_active_connection_id_limit,
             initial_source_connection_id=self._local_initial_source_connection_id,
+            pytier_datagram_size=PYTIER_DATAGRAM_SIZE,
         )
         if not self._is_client:
             params.original_destination_connection_id = self._original_destination_connection_id
             params.stateless_reset_token = self._host_cids[0].stateless_reset_token
         return params.encode()
+
+    def _alpn_handler(self, alpn_protocol: str) -> None:
+        super()._alpn_handler(alpn_protocol)
+        peer = self.peer_params
+        if peer is not None and peer.pytier_datagram_size:
+            size = max(MAX_UDP_PAYLOAD, min(PYTIER_DATAGRAM_SIZE, peer.pytier_datagram_size))
+            self._max_datagram_size = size
+            self._pacer.set_datagram_size(size)
 
     def _payload_received(self, context: QuicReceiveContext, plain: bytes,
                           crypto_frame_required: bool = False) -> tuple[bool, bool]:

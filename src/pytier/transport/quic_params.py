@@ -35,6 +35,9 @@ RETRY_SOURCE_CONNECTION_ID = 0x10
 MAX_DATAGRAM_FRAME_SIZE = 0x20
 GREASE_QUIC_BIT = 0x2AB2
 MIN_ACK_DELAY = 0xFF04DE1B
+# pytier's own: "I take datagrams up to this size". quinn ignores unknown ids, so only two pytier nodes
+# ever go past the 1200 bytes EasyTier's QUIC uses.
+PYTIER_DATAGRAM_SIZE = 0x50595449
 
 # (id, attribute, kind): kind "int" is a varint value, "bytes" opaque, "flag" zero-length.
 _KNOWN: tuple[tuple[int, str, str], ...] = (
@@ -57,6 +60,7 @@ _KNOWN: tuple[tuple[int, str, str], ...] = (
     (MAX_DATAGRAM_FRAME_SIZE, "max_datagram_frame_size", "int"),
     (GREASE_QUIC_BIT, "grease_quic_bit", "flag"),
     (MIN_ACK_DELAY, "min_ack_delay_us", "int"),
+    (PYTIER_DATAGRAM_SIZE, "pytier_datagram_size", "int"),
 )
 _BY_ID = {pid: (name, kind) for pid, name, kind in _KNOWN}
 
@@ -105,6 +109,7 @@ class TransportParams:
     max_datagram_frame_size: int | None = None
     grease_quic_bit: bool = False
     min_ack_delay_us: int | None = None
+    pytier_datagram_size: int | None = None
     # Parameters this codec does not know (reserved grease ids among them), in wire order.
     unknown: tuple[tuple[int, bytes], ...] = ()
 
