@@ -265,3 +265,13 @@ def test_late_data_of_an_aborted_stream_is_not_a_new_stream() -> None:
     net.b.abort(hb)  # ... when B is done with the stream
     net.advance(0.5)
     assert len(net.of(B, IncomingStream)) == 1
+
+
+def test_accepting_a_stream_that_is_gone_says_so() -> None:
+    net = Net()
+    h = net.a.open(B, b"hdr", net.now)
+    net.step()
+    [incoming] = net.of(B, IncomingStream)
+    net.a.abort(h)
+    net.step()
+    assert net.b.accept(incoming.handle) is False

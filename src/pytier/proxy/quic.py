@@ -139,8 +139,10 @@ class _QuicIncoming:
 
     def accept(self) -> QuicStream:
         stream = QuicStream(self._t, self.handle)
-        self._t.streams[self.handle] = stream
-        self._t.endpoint.accept(self.handle)
+        if self._t.endpoint.accept(self.handle):
+            self._t.streams[self.handle] = stream
+        else:
+            stream._on_closed("gone before it was accepted")
         self._t.kick()
         return stream
 

@@ -211,14 +211,18 @@ class QuicEndpoint:
 
     # ---- streams a peer opened ------------------------------------------------------------------
 
-    def accept(self, handle: int) -> None:
-        stream = self._streams[handle]
+    def accept(self, handle: int) -> bool:
+        """Take an incoming stream; False when it is gone already (reset, or its connection ended)."""
+        stream = self._streams.get(handle)
+        if stream is None:
+            return False
         stream.opened = True
         for data in stream.held:
             self._events.append(StreamData(handle, data))
         stream.held.clear()
         if stream.peer_fin:
             self._events.append(StreamFinished(handle))
+        return True
 
     def refuse(self, handle: int) -> None:
         self.abort(handle)
