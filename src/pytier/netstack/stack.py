@@ -13,8 +13,8 @@ Any-IP: the stack answers for every four-tuple the `accept` predicate approves, 
 destination address, as smoltcp does with any_ip. An approved SYN is held (SynReceived) until the
 owner accepts it (SYN|ACK) or refuses it (RST), so a proxy can first reach the real destination.
 Segments of approved tuples without a connection get the RFC 9293 RST; packets of tuples the
-predicate declines are dropped untouched (counted as `not_ours`), so the owner may feed more than
-it means the stack to take.
+predicate declines are dropped untouched (counted in `drops["not ours"]`), so the owner may feed
+more than it means the stack to take.
 
 Nothing received raises: malformed packets are counted in `drops` by reason and ignored.
 """
@@ -197,7 +197,7 @@ class NetStack:
         seq: int,
         ack: int,
         flags: int,
-        syn: TcpRepr | None,
+        opts: TcpRepr | None,
         now: float,
     ) -> None:
         if packet[12] >= _MULTICAST_FIRST_OCTET or packet[16] >= _MULTICAST_FIRST_OCTET:
@@ -211,13 +211,13 @@ class NetStack:
         if flags & F_RST:
             self.drops["rst without connection"] += 1
             return
-        if flags & (F_SYN | F_ACK | F_FIN) == F_SYN and syn is not None:
+        if flags & (F_SYN | F_ACK | F_FIN) == F_SYN and opts is not None:
             if len(self._by_key) - len(self._time_wait) >= self.config.max_connections:
                 self.drops["connection limit"] += 1
                 self._reset_reply(dst, src, 0, (seq + 1) & MASK, with_ack=True)
                 return
             conn = self._new_connection(local=dst, remote=src, now=now)
-            conn.open_passive(syn, now)
+            conn.open_passive(opts, now)
             self._events.append(SynReceived(conn.handle, src, dst))
             return
         # RFC 9293 3.10.7.1: a segment for no connection gets a RST that the sender will accept.
