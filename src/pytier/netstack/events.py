@@ -56,7 +56,6 @@ class CloseReason(StrEnum):
     TIMEOUT = "timeout"  # retransmissions (of SYN, data or FIN) ran out, or an orphan waited too long
     ACCEPT_TIMEOUT = "accept timeout"  # the owner neither accepted nor refused a SYN in time
     ABORTED = "aborted"  # the owner aborted, or data arrived after the owner closed
-    LIMIT = "too many connections"
 
 
 @dataclass(frozen=True, slots=True)
