@@ -54,6 +54,7 @@ INITIAL_RTT_S = 0.100  # before the first RTT sample
 RANDOM_LOSS_BATCH = 64
 RANDOM_LOSS_EWMA = 0.25  # ... with this weight for the newest batch
 MAX_RANDOM_LOSS = 0.5
+_INF = float("inf")
 _START_PHASES = tuple(i for i, g in enumerate(PACING_GAIN_CYCLE) if g >= 1.0)
 
 
@@ -122,6 +123,7 @@ class Bbr:
         self.bytes_in_flight = 0
         self.pacing_rate = HIGH_GAIN * self.initial_cwnd / INITIAL_RTT_S
         self._btlbw = _MaxFilter(BTLBW_FILTER_ROUNDS)
+        self.btlbw = 0.0  # bottleneck bandwidth estimate, bytes per second (the filter's best)
         self.rtprop = float("inf")
         self._rtprop_stamp = now
         self._rtprop_expired = False
@@ -160,11 +162,6 @@ class Bbr:
 
     # ---- model ----------------------------------------------------------------------------------
 
-    @property
-    def btlbw(self) -> float:
-        """Bottleneck bandwidth estimate, bytes per second (0 before the first sample)."""
-        return self._btlbw.best
-
     def bdp(self, gain: float = 1.0) -> float:
         if self.rtprop == float("inf") or self.btlbw == 0.0:
             return float(self.initial_cwnd)
@@ -190,11 +187,17 @@ class Bbr:
         self._app_limited_until = (self.delivered + self.bytes_in_flight) or 1
 
     def on_ack(self, now: float, packet: SentState, rtt: float | None = None) -> None:
-        """One packet acknowledged; `rtt` is an RTT sample taken with this acknowledgement, if any."""
-        self.bytes_in_flight = max(0, self.bytes_in_flight - packet.size)
-        self.delivered += packet.size
+        """One packet acknowledged; `rtt` is an RTT sample taken with this acknowledgement, if any.
+
+        This runs for every packet acknowledged, so the checks that only matter at a round start or in
+        one state are skipped outside it."""
+        size = packet.size
+        inflight = self.bytes_in_flight - size
+        self.bytes_in_flight = inflight if inflight > 0 else 0
+        delivered = self.delivered + size
+        self.delivered = delivered
         self._delivered_time = now
-        if self._app_limited_until and self.delivered > self._app_limited_until:
+        if self._app_limited_until and delivered > self._app_limited_until:
             self._app_limited_until = 0
         # the rate sample carried by this packet
         send_elapsed = packet.sent_time - packet.first_sent_time
@@ -202,34 +205,44 @@ class Bbr:
         self._first_sent_time = packet.sent_time
         interval = send_elapsed if send_elapsed > ack_elapsed else ack_elapsed
         rate = 0.0
-        if interval > 0.0 and (self.rtprop == float("inf") or interval >= self.rtprop):
-            rate = (self.delivered - packet.delivered) / interval
+        if interval > 0.0 and (interval >= self.rtprop or self.rtprop == _INF):
+            rate = (delivered - packet.delivered) / interval
             if self.loss_tolerant:
                 rate /= 1.0 - self.random_loss
         if packet.draining:
             self._count_random_loss(lost=False)
         # round counting
-        if packet.delivered >= self._next_round_delivered:
-            self._next_round_delivered = self.delivered
+        round_start = packet.delivered >= self._next_round_delivered
+        self._round_start = round_start
+        if round_start:
+            self._next_round_delivered = delivered
             self.round_count += 1
-            self._round_start = True
-        else:
-            self._round_start = False
         if rate > 0.0 and (rate >= self.btlbw or not packet.is_app_limited):
             self._btlbw.update(rate, self.round_count)
-        elif self._round_start:
+            self.btlbw = self._btlbw.best
+        elif round_start:
             self._btlbw.expire(self.round_count)
-        if self._in_recovery and self.delivered >= self._recovery_end_delivered:
+            self.btlbw = self._btlbw.best
+        if self._in_recovery and delivered >= self._recovery_end_delivered:
             self._in_recovery = False
             self.cwnd = max(self.cwnd, self._prior_cwnd)
-        self._update_rtprop(now, rtt)
-        self._check_cycle_phase(now, packet.size)
-        self._check_full_pipe(packet.is_app_limited)
-        self._check_drain(now)
-        self._check_probe_rtt(now)
+        # RTprop
+        self._rtprop_expired = now > self._rtprop_stamp + RTPROP_FILTER_S
+        if rtt is not None and rtt > 0.0 and (rtt <= self.rtprop or self._rtprop_expired):
+            self.rtprop = rtt
+            self._rtprop_stamp = now
+        state = self.state
+        if state is BbrState.PROBE_BW:
+            self._check_cycle_phase(now, size)
+        elif state is not BbrState.PROBE_RTT:
+            if round_start:
+                self._check_full_pipe(packet.is_app_limited)
+            self._check_drain(now)
+        if self._rtprop_expired or self.state is BbrState.PROBE_RTT:
+            self._check_probe_rtt(now)
         self._set_pacing_rate()
-        self._set_cwnd(packet.size)
-        if self._round_start:
+        self._set_cwnd(size)
+        if round_start:
             self._losses_in_round = False
 
     def on_loss(self, now: float, packets: list[SentState]) -> None:
@@ -279,12 +292,6 @@ class Bbr:
         self.cwnd = MIN_PIPE_PACKETS * self.mss
 
     # ---- the state machine (section names of the draft) -------------------------------------------
-
-    def _update_rtprop(self, now: float, rtt: float | None) -> None:
-        self._rtprop_expired = now > self._rtprop_stamp + RTPROP_FILTER_S
-        if rtt is not None and rtt > 0.0 and (rtt <= self.rtprop or self._rtprop_expired):
-            self.rtprop = rtt
-            self._rtprop_stamp = now
 
     def _enter_probe_bw(self, now: float) -> None:
         self.state = BbrState.PROBE_BW
