@@ -10,6 +10,7 @@ measured in the same run on the same testbed:
     kernel          kernel TCP over the bare emulated link
     pytier-plain    two pytier-core nodes, UDP tunnel, no proxy
     pytier-kcp      the same with --enable-kcp-proxy on the source node B
+    pytier-kcp-us   the same with --use-smoltcp too (interception by the user-space TCP stack)
     pytier-quic     the same with --enable-quic-proxy on the source node B (QUIC with BBR)
     easytier-plain  EasyTier 2.6.4 (easytier-pyo3), UDP tunnel
     easytier-kcp    the same with enable_kcp_proxy on B
@@ -72,6 +73,7 @@ ROWS: dict[str, str] = {
     "kernel": "kernel TCP, bare link",
     "pytier-plain": "pytier plain, udp tunnel",
     "pytier-kcp": "pytier KCP proxy",
+    "pytier-kcp-us": "pytier KCP, user-space TCP",
     "pytier-quic": "pytier QUIC proxy (BBR)",
     "easytier-plain": "EasyTier 2.6.4 plain, udp",
     "easytier-kcp": "EasyTier 2.6.4 KCP proxy",
@@ -149,12 +151,14 @@ def setup_kernel(tb: Testbed, link: EmulatedLink) -> RowSetup:
     return RowSetup(str(link.ip_a), str(link.ip_a))
 
 
-def setup_pytier(tb: Testbed, link: EmulatedLink, kcp: bool, quic: bool = False) -> RowSetup:
+def setup_pytier(tb: Testbed, link: EmulatedLink, kcp: bool, quic: bool = False,
+                 userspace: bool = False) -> RowSetup:
     na = PytierNode(tb, link.a, [*NET, "-i", f"{VIP_A}/24", "-l", "udp://0.0.0.0:11010"],
                     name="bench-a").start()
     nb = PytierNode(tb, link.b, [*NET, "-i", f"{VIP_B}/24", "--no-listener", "-p", f"udp://{link.ip_a}:11010",
                                  *(["--enable-kcp-proxy"] if kcp else []),
-                                 *(["--enable-quic-proxy"] if quic else [])], name="bench-b").start()
+                                 *(["--enable-quic-proxy"] if quic else []),
+                                 *(["--use-smoltcp"] if userspace else [])], name="bench-b").start()
     nb.wait_route(VIP_A, timeout=60)
     assert na.proc is not None and nb.proc is not None
     return RowSetup(VIP_A, VIP_A, carrier_a=na.proc.pid if kcp or quic else None,
@@ -200,8 +204,9 @@ def setup_kcptun(tb: Testbed, link: EmulatedLink, logdir: Path) -> RowSetup:
 def setup(row: str, tb: Testbed, link: EmulatedLink, logdir: Path) -> RowSetup:
     if row == "kernel":
         return setup_kernel(tb, link)
-    if row in ("pytier-plain", "pytier-kcp", "pytier-quic"):
-        return setup_pytier(tb, link, kcp=row == "pytier-kcp", quic=row == "pytier-quic")
+    if row in ("pytier-plain", "pytier-kcp", "pytier-kcp-us", "pytier-quic"):
+        return setup_pytier(tb, link, kcp=row in ("pytier-kcp", "pytier-kcp-us"), quic=row == "pytier-quic",
+                            userspace=row == "pytier-kcp-us")
     if row in ("easytier-plain", "easytier-kcp", "easytier-quic"):
         return setup_easytier(tb, link, kcp=row == "easytier-kcp", quic=row == "easytier-quic")
     return setup_kcptun(tb, link, logdir)
