@@ -12,6 +12,9 @@ from typing import Any, Protocol
 from pytier.proxy.entries import EntryState, ProxyEntry
 
 READ_CHUNK = 64 * 1024
+# How a side that went away shows itself; uvloop raises RuntimeError for a write to a transport
+# that has already closed.
+_BROKEN = (OSError, ConnectionError, asyncio.IncompleteReadError, EOFError, RuntimeError)
 
 
 class ProxyStream(Protocol):
@@ -84,7 +87,7 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, strea
     down = asyncio.ensure_future(_stream_to_tcp(stream, writer, entry, outbound))
     try:
         await asyncio.gather(up, down)
-    except (OSError, ConnectionError, asyncio.IncompleteReadError, EOFError):
+    except _BROKEN:
         stream.abort()
         _reset(writer)
     except asyncio.CancelledError:
@@ -106,7 +109,8 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     if sock is not None and sock.fileno() >= 0:
         with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+    with contextlib.suppress(RuntimeError):
+        writer.transport.abort()
 
 
 async def _copy(src: ProxyStream, dst: ProxyStream, count: Callable[[int], None]) -> None:
@@ -134,7 +138,7 @@ async def pipe_streams(local: ProxyStream, remote: ProxyStream, entry: ProxyEntr
              asyncio.ensure_future(_copy(remote, local, down))]
     try:
         await asyncio.gather(*tasks)
-    except (OSError, ConnectionError, EOFError):
+    except _BROKEN:
         local.abort()
         remote.abort()
     except asyncio.CancelledError:
