@@ -95,13 +95,20 @@ class Side:
 
 
 class Pair:
-    def __init__(self, config: KcpConfig | None = None, *, delay: float = 0.005, loss: float = 0.0) -> None:
+    def __init__(
+        self,
+        config: KcpConfig | None = None,
+        *,
+        delay: float = 0.005,
+        loss: float = 0.0,
+        rate_bps: float | None = None,
+    ) -> None:
         cfg = config or KcpConfig()
         self.now = 0.0
         self.a = Side(KcpEndpoint(1, now=0.0, config=cfg, rng=random.Random(1)))
         self.b = Side(KcpEndpoint(2, now=0.0, config=cfg, rng=random.Random(2)))
         self.link: DuplexLink[Packet] = DuplexLink(
-            LinkParams(delay_s=delay, rate_bps=None, loss=loss), seed=7
+            LinkParams(delay_s=delay, rate_bps=rate_bps, loss=loss), seed=7
         )
 
     def run(self, seconds: float, stop: Callable[[], bool] | None = None) -> None:
@@ -513,6 +520,34 @@ def test_paused_reader_stops_the_sender_and_recovers_from_a_lost_window_update()
     pair.run(10.0, stop=lambda: len(pair.b.data.get(hb, b"")) == len(blob))
     assert bytes(pair.b.data[hb]) == blob
     assert pair.now - resumed < 1.5  # ikcp alone would wait 7 s for its first window probe
+
+
+def first_segment_is(payload: bytes, cmd: int) -> bool:
+    return len(payload) > KCP_HEADER_LEN + 4 and payload[KCP_HEADER_LEN + 4] == cmd
+
+
+def test_retransmits_count_fast_resends() -> None:
+    # 10 Mbit/s: one data packet per millisecond, so B acknowledges them in separate packets.
+    pair = Pair(delay=0.02, rate_bps=10e6)
+    ha, hb = pair.connect()
+    dropped: list[bytes] = []
+
+    def drop_segment_0(now: float, ptype: int, payload: bytes) -> bool:
+        if not dropped and first_segment_is(payload, 81):
+            dropped.append(payload)
+            return True
+        return False
+
+    pair.a.drop = drop_segment_0
+    blob = random.Random(5).randbytes(20 * KcpConfig().mss)
+    assert pair.a.ep.send(ha, blob) == len(blob)
+    pair.run(5.0, stop=lambda: len(pair.b.data.get(hb, b"")) == len(blob))
+    assert bytes(pair.b.data[hb]) == blob and len(dropped) == 1
+    pair.run(0.2)
+    a, b = pair.a.ep.stats(ha), pair.b.ep.stats(hb)
+    # ikcp's own count (xmit) sees timeout resends only; segment 0 went again as a fast resend.
+    assert (a["retransmits"], a["timeout_retransmits"]) == (1, 0)
+    assert (b["segments_in"], b["duplicates_in"]) == (20, 0)
 
 
 @pytest.mark.parametrize("role", ["initiator", "acceptor"])

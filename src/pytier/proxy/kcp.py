@@ -4,6 +4,8 @@ proxied connection for the proxy to pipe through."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,6 +24,8 @@ from pytier.transport.kcp_events import (
 )
 from pytier.wire.messages import RoutePeerInfo
 from pytier.wire.peer_header import PacketType
+
+log = logging.getLogger("pytier.proxy.kcp")
 
 # Received bytes a stream holds for a slow TCP writer before KCP stops reading (its window closes).
 READ_BUFFER_HIGH = 1024 * 1024
@@ -129,10 +133,12 @@ class KcpStream:
             self._t.kick()
 
     def stats(self) -> dict[str, Any]:
-        try:
-            s = self._t.endpoint.stats(self.handle)
-        except KeyError:
-            s = self._final_stats
+        """Round-trip time and resent data segments (fast and timeout resends), live or final; a
+        conversation lingering after its close has no KCP state left, so it shows the final ones."""
+        s = self._final_stats
+        if self._closed_reason is None:
+            with contextlib.suppress(KeyError):
+                s = self._t.endpoint.stats(self.handle)
         return {"rtt_ms": s.get("srtt_ms"), "retrans": s.get("retransmits")}
 
 
@@ -262,6 +268,8 @@ class KcpTransport:
             if fut is not None and not fut.done():
                 fut.set_exception(ConnectRefused(str(ev.reason)))
         elif isinstance(ev, ConnectionClosed):
+            log.debug("KCP conversation %s closed (%s): %s", ev.stats.get("conv"), ev.reason,
+                      " ".join(f"{k}={v}" for k, v in ev.stats.items() if k != "conv"))
             stream = self.streams.pop(ev.handle, None)
             if stream is not None:
                 stream._on_closed(str(ev.reason), dict(ev.stats))

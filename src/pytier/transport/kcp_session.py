@@ -26,6 +26,7 @@ from siokcp import KCPConnection
 
 from pytier.transport.kcp_config import KcpConfig
 from pytier.transport.kcp_pacer import FlowPacer, PathRate
+from pytier.transport.kcp_segments import count_pushes
 
 IKCP_ASK_SEND = 1  # probe flag: send a window probe (WASK)
 IKCP_ASK_TELL = 2  # probe flag: tell the remote our window (WINS)
@@ -82,9 +83,12 @@ class KcpSession:
         "bytes_received",
         "bytes_sent",
         "conv",
+        "duplicates_in",
         "kcp_alive",
         "packets_in",
         "packets_out",
+        "retransmits",
+        "segments_in",
     )
 
     def __init__(
@@ -142,6 +146,9 @@ class KcpSession:
         self.bytes_in = 0
         self.packets_out = 0
         self.packets_in = 0
+        self.retransmits = 0  # data segments sent again, fast and timeout resends alike
+        self.segments_in = 0  # data segments received, duplicates included
+        self.duplicates_in = 0  # of which ikcp already had (or could not take)
 
     # --- data in ------------------------------------------------------------------------------
 
@@ -157,10 +164,15 @@ class KcpSession:
         self.packets_in += 1
         self.bytes_in += len(body)
         rcv_nxt, nrcv_buf = kcp.rcv_nxt, kcp.nrcv_buf
+        pushes = count_pushes(body, self.conv)
         ok = kcp.receive_data(body) >= 0
         if kcp.rcv_nxt != rcv_nxt or kcp.nrcv_buf != nrcv_buf:
             self._echo_at_ms = now_ms + ECHO_DELAY_INTERVALS * self._interval_ms
             self._echoes_left = ECHOES
+        if pushes:
+            accepted = (kcp.rcv_nxt + kcp.nrcv_buf - rcv_nxt - nrcv_buf) & MASK32
+            self.segments_in += pushes
+            self.duplicates_in += pushes - accepted
         return bool(ok)
 
     def read(self) -> bytes:
@@ -261,13 +273,16 @@ class KcpSession:
             allowed = pacer.allowance(now_ms, (snd_nxt - nsnd_buf) & MASK32, nsnd_buf, kcp.rx_srtt, eligible)
             kcp.cwnd = span + allowed
         kcp.flush()
+        new_segments = (kcp.snd_nxt - snd_nxt) & MASK32
         if pacer is not None:
-            pacer.on_flushed((kcp.snd_nxt - snd_nxt) & MASK32)
+            pacer.on_flushed(new_segments)
         if kcp.rcv_wnd - kcp.nrcv_que < kcp.rcv_wnd // 4:
             self._window_was_low = True
         out = self._out
         if not out:
             return []
+        conv = self.conv
+        self.retransmits += sum(count_pushes(body, conv) for body in out) - new_segments
         bodies = out[:]
         out.clear()
         self.packets_out += len(bodies)
@@ -321,13 +336,16 @@ class KcpSession:
             "bytes_in": self.bytes_in,
             "packets_out": self.packets_out,
             "packets_in": self.packets_in,
+            "retransmits": self.retransmits,
+            "segments_in": self.segments_in,
+            "duplicates_in": self.duplicates_in,
         }
         if kcp is not None:
             figures.update(
                 srtt_ms=int(kcp.rx_srtt),
                 rttvar_ms=int(kcp.rx_rttval),
                 rto_ms=int(kcp.rx_rto),
-                retransmits=int(kcp.xmit),
+                timeout_retransmits=int(kcp.xmit),
                 segments_sent=int(kcp.snd_nxt),
                 in_flight=int(kcp.nsnd_buf),
                 queued=int(kcp.nsnd_que),

@@ -1,0 +1,62 @@
+"""kcp_segments reads packet bodies the way ikcp_input does (checked against siokcp's ikcp)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from siokcp import KCPConnection
+
+from pytier.transport.kcp_segments import CMD_ACK, CMD_PUSH, CMD_WINS, SEGMENT, count_pushes, segments
+
+CONV = 0x1234
+
+
+def ikcp(conv: int = CONV) -> tuple[KCPConnection, list[bytes]]:
+    out: list[bytes] = []
+
+    def emit(body: bytes) -> int:
+        out.append(body)
+        return 0
+
+    kcp = KCPConnection(conv, emit, lambda _message: None)
+    kcp.nodelay(1, 10, 2, 1)
+    kcp.setmtu(1200)
+    kcp.update(0)
+    return kcp, out
+
+
+def push(sn: int, data: bytes, conv: int = CONV) -> bytes:
+    return SEGMENT.pack(conv, CMD_PUSH, 0, 128, 7, sn, 0, len(data)) + data
+
+
+@given(st.binary(max_size=200), st.integers(0, 0xFFFFFFFF))
+def test_arbitrary_bytes_never_raise(body: bytes, conv: int) -> None:
+    for cmd, _sn, _ts in segments(body, conv):
+        assert CMD_PUSH <= cmd <= CMD_WINS
+
+
+def test_ikcp_output_reads_back_segment_by_segment() -> None:
+    sender, out = ikcp()
+    sender.send(bytes(3000))
+    sender.flush()
+    assert [list(segments(body, CONV)) for body in out] == [[(CMD_PUSH, 0, 0)], [(CMD_PUSH, 1, 0)],
+                                                            [(CMD_PUSH, 2, 0)]]
+    receiver, acks = ikcp()
+    receiver.current = 5
+    for body in out:
+        receiver.receive_data(body)
+    receiver.flush()
+    (ack_body,) = acks
+    assert list(segments(ack_body, CONV)) == [(CMD_ACK, 0, 0), (CMD_ACK, 1, 0), (CMD_ACK, 2, 0)]
+    assert count_pushes(ack_body, CONV) == 0
+
+
+def test_reading_stops_where_ikcp_stops() -> None:
+    good = push(0, b"a") + push(1, b"b")
+    foreign, truncated = push(2, b"c", conv=CONV + 1), push(2, b"c")[:-1]
+    unknown_cmd = push(2, b"c").replace(b"\x51", b"\x55", 1)
+    for tail in (foreign, truncated, unknown_cmd):
+        receiver, _ = ikcp()
+        receiver.receive_data(good + tail)
+        assert receiver.rcv_nxt == 2  # ikcp took the two good segments and nothing of the tail
+        assert [sn for _, sn, _ in segments(good + tail, CONV)] == [0, 1]
