@@ -550,6 +550,34 @@ def test_retransmits_count_fast_resends() -> None:
     assert (b["segments_in"], b["duplicates_in"]) == (20, 0)
 
 
+def test_lost_ack_of_an_out_of_order_segment_is_repeated_not_answered_by_a_resend() -> None:
+    # 10 Mbit/s: one data packet per millisecond, so B acknowledges them in separate packets.
+    pair = Pair(delay=0.02, rate_bps=10e6)
+    ha, hb = pair.connect()
+    dropped: dict[str, bytes] = {}
+
+    def drop_first(name: str, cmd: int) -> Callable[[float, int, bytes], bool]:
+        def drop(now: float, ptype: int, payload: bytes) -> bool:
+            if name not in dropped and first_segment_is(payload, cmd):
+                dropped[name] = payload
+                return True
+            return False
+
+        return drop
+
+    pair.a.drop = drop_first("data", 81)  # segment 0: everything after it arrives out of order
+    pair.b.drop = drop_first("ack", 82)  # the ACK of segment 1, which una cannot stand in for
+    blob = random.Random(5).randbytes(20 * KcpConfig().mss)
+    assert pair.a.ep.send(ha, blob) == len(blob)
+    pair.run(5.0, stop=lambda: len(pair.b.data.get(hb, b"")) == len(blob))
+    assert bytes(pair.b.data[hb]) == blob and set(dropped) == {"data", "ack"}
+    pair.run(0.2)  # time for a needless resend to arrive
+    a, b = pair.a.ep.stats(ha), pair.b.ep.stats(hb)
+    # Only segment 0 went again, as a fast resend; B never saw a segment twice.
+    assert (a["retransmits"], a["timeout_retransmits"]) == (1, 0)
+    assert (b["segments_in"], b["duplicates_in"]) == (20, 0)
+
+
 @pytest.mark.parametrize("role", ["initiator", "acceptor"])
 def test_ping_in_half_closed_states_gets_pong(role: str) -> None:
     pair = Pair()

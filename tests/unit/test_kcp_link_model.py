@@ -234,6 +234,18 @@ def bulk_goodput(
     return len(flow.got_up) * 8 / seconds / 1e6
 
 
+def test_lost_acks_cost_no_resends_at_20_percent_loss() -> None:
+    # A fifth of B's ACK packets are lost; the segments they acknowledged must not go again.
+    t = Transfer(LinkParams(loss=0.2), seed=2)
+    flow = Flow(up=bytes(200_000_000), down=b"")
+    t.open(flow, 40002)
+    t.run(3.0)
+    a, b = t.a.stats(flow.handle_a), t.b.stats(flow.handle_b)
+    assert int(b["duplicates_in"]) < 0.02 * int(b["segments_in"])
+    # 20% of the segments are lost, and 20% of their resends: 0.25 resends per segment.
+    assert int(a["retransmits"]) < 0.3 * int(a["segments_sent"])
+
+
 def test_random_writes_arrive_intact_through_10_percent_loss() -> None:
     rng = random.Random(11)
     t = Transfer(LinkParams(loss=0.1), seed=3)

@@ -6,7 +6,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from siokcp import KCPConnection
 
-from pytier.transport.kcp_segments import CMD_ACK, CMD_PUSH, CMD_WINS, SEGMENT, count_pushes, segments
+from pytier.transport.kcp_segments import (
+    CMD_ACK,
+    CMD_PUSH,
+    CMD_WINS,
+    SEGMENT,
+    ack_segment,
+    count_pushes,
+    segments,
+)
 
 CONV = 0x1234
 
@@ -60,3 +68,15 @@ def test_reading_stops_where_ikcp_stops() -> None:
         receiver.receive_data(good + tail)
         assert receiver.rcv_nxt == 2  # ikcp took the two good segments and nothing of the tail
         assert [sn for _, sn, _ in segments(good + tail, CONV)] == [0, 1]
+
+
+def test_an_ack_we_write_is_an_ack_to_ikcp() -> None:
+    sender, _ = ikcp()
+    sender.send(bytes(3000))
+    sender.flush()
+    sender.current = 40
+    sender.receive_data(ack_segment(CONV, 77, ts=0, sn=1, una=0))
+    assert (sender.nsnd_buf, sender.snd_una, sender.rmt_wnd) == (2, 0, 77)
+    assert sender.rx_srtt == 40  # the echoed timestamp gave the RTT sample
+    sender.receive_data(ack_segment(CONV, 77, ts=0, sn=1, una=3))
+    assert (sender.nsnd_buf, sender.snd_una) == (0, 3)

@@ -1,4 +1,4 @@
-"""ikcp's segment format, read the way ikcp_input reads it.
+"""ikcp's segment format, read the way ikcp_input reads it, and the one segment the session writes.
 
 A KCP packet body is a run of segments, each a 24-byte little-endian header (conv, cmd, frg, wnd,
 ts, sn, una, len) and `len` bytes of data. ikcp_input stops at the first segment with a foreign
@@ -9,7 +9,6 @@ yields is exactly what ikcp processed.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 
 SEGMENT = struct.Struct("<IBBHIIII")
 HEADER_LEN = SEGMENT.size  # 24
@@ -17,22 +16,54 @@ CMD_PUSH = 81
 CMD_ACK = 82
 CMD_WASK = 83
 CMD_WINS = 84
+MASK32 = 0xFFFFFFFF
+_READ = struct.Struct("<IB3xII4xI")  # conv, cmd, ts, sn, len: what the readers below need
+_ACK_BYTE = bytes([CMD_ACK])
 
 
-def segments(body: bytes | memoryview, conv: int) -> Iterator[tuple[int, int, int]]:
+def segments(body: bytes | memoryview, conv: int) -> list[tuple[int, int, int]]:
     """(cmd, sn, ts) of each segment of conversation `conv` that ikcp_input would process."""
     size = len(body)
     off = 0
-    unpack = SEGMENT.unpack_from
+    unpack = _READ.unpack_from
+    found: list[tuple[int, int, int]] = []
     while size - off >= HEADER_LEN:
-        seg_conv, cmd, _frg, _wnd, ts, sn, _una, length = unpack(body, off)
+        seg_conv, cmd, ts, sn, length = unpack(body, off)
         off += HEADER_LEN
         if seg_conv != conv or length > size - off or not CMD_PUSH <= cmd <= CMD_WINS:
-            return
-        yield cmd, sn, ts
+            break
+        found.append((cmd, sn, ts))
         off += length
+    return found
 
 
-def count_pushes(body: bytes | memoryview, conv: int) -> int:
-    return sum(1 for cmd, _, _ in segments(body, conv) if cmd == CMD_PUSH)
+def pushes(body: bytes | memoryview, conv: int, start: int = 0) -> list[tuple[int, int]]:
+    """(sn, ts) of the data segments among `segments(body, conv)` (from offset `start`)."""
+    size = len(body)
+    off = start
+    unpack = _READ.unpack_from
+    found: list[tuple[int, int]] = []
+    while size - off >= HEADER_LEN:
+        seg_conv, cmd, ts, sn, length = unpack(body, off)
+        off += HEADER_LEN
+        if seg_conv != conv or length > size - off or not CMD_PUSH <= cmd <= CMD_WINS:
+            break
+        if cmd == CMD_PUSH:
+            found.append((sn, ts))
+        off += length
+    return found
 
+
+def count_pushes(body: bytes, conv: int) -> int:
+    """len(pushes(body, conv)) for ikcp's own output, which is well formed: a body is one data
+    segment, or ACKs (24 bytes each, stepped over unread) followed by probes and data segments."""
+    size = len(body)
+    if size > HEADER_LEN and body[4] == CMD_PUSH and _READ.unpack_from(body, 0)[4] == size - HEADER_LEN:
+        return 1
+    cmds = body[4::HEADER_LEN]
+    acks = len(cmds) - len(cmds.lstrip(_ACK_BYTE))
+    return len(pushes(body, conv, acks * HEADER_LEN))
+
+
+def ack_segment(conv: int, wnd: int, ts: int, sn: int, una: int) -> bytes:
+    return SEGMENT.pack(conv, CMD_ACK, 0, wnd & 0xFFFF, ts & MASK32, sn & MASK32, una & MASK32, 0)

@@ -14,6 +14,10 @@ Pitfalls of ikcp/siokcp handled here:
   keeps up never advertises a closed window), a receiver whose advertised window was low keeps
   telling its window once per round trip after it reopens until new data arrives, and a sender
   facing a zero window probes after a few round trips instead of 7 s.
+* ikcp acknowledges each segment exactly once, and a sender fast-resends a segment whose ACK was
+  lost as soon as two later ACKs arrive, though it arrived: under random loss most segments arrive
+  above a hole, where una does not cover them. The ACKs of those ride again on our next packets
+  (standard ACK segments, so any KCP peer takes them).
 * ikcp is driven by `flush` only (after input, after writes, and at `next_timer_ms`), never by
   `ikcp_update`'s own 10 ms grid, so ACKs leave as soon as the owner sends its datagrams.
 """
@@ -26,7 +30,7 @@ from siokcp import KCPConnection
 
 from pytier.transport.kcp_config import KcpConfig
 from pytier.transport.kcp_pacer import FlowPacer, PathRate
-from pytier.transport.kcp_segments import count_pushes
+from pytier.transport.kcp_segments import HEADER_LEN, ack_segment, count_pushes, pushes
 
 IKCP_ASK_SEND = 1  # probe flag: send a window probe (WASK)
 IKCP_ASK_TELL = 2  # probe flag: tell the remote our window (WINS)
@@ -44,6 +48,14 @@ ECHO_DELAY_INTERVALS = 2
 ECHOES = 2
 ZERO_WINDOW_PROBE_MIN_MS = 50
 ZERO_WINDOW_PROBE_MAX_MS = 2000
+# ikcp acknowledges each segment once. A lost ACK of a segment that arrived out of order (una does
+# not cover it) makes the sender fast-resend it as soon as two later ACKs arrive: at 20% loss each
+# way, 0.3 needless resends per new segment on top of the 0.25 the loss needs. So the ACKs of
+# segments above rcv_nxt ride again on the next packets we send anyway (those carry the later ACKs
+# that would trigger the resend), until una covers them. Each repeat costs 24 bytes on the
+# reverse path; two leave 0.8% of the ACKs lost at 20% loss.
+ACK_REPEATS = 2
+MAX_ACK_REPEATS_PER_FLUSH = 256  # segments, 6 KB
 
 
 class _LogSink:
@@ -61,6 +73,8 @@ class _LogSink:
 
 class KcpSession:
     __slots__ = (
+        "_ack_fresh",
+        "_ack_repeats",
         "_base_minrto",
         "_chunk",
         "_config",
@@ -149,6 +163,8 @@ class KcpSession:
         self.retransmits = 0  # data segments sent again, fast and timeout resends alike
         self.segments_in = 0  # data segments received, duplicates included
         self.duplicates_in = 0  # of which ikcp already had (or could not take)
+        self._ack_fresh: list[tuple[int, int, int]] = []  # (sn, ts, ms) acknowledged by the next flush
+        self._ack_repeats: list[tuple[int, int, int, int]] = []  # (sn, ts, ms, repeats left)
 
     # --- data in ------------------------------------------------------------------------------
 
@@ -164,15 +180,21 @@ class KcpSession:
         self.packets_in += 1
         self.bytes_in += len(body)
         rcv_nxt, nrcv_buf = kcp.rcv_nxt, kcp.nrcv_buf
-        pushes = count_pushes(body, self.conv)
+        data = pushes(body, self.conv)
         ok = kcp.receive_data(body) >= 0
         if kcp.rcv_nxt != rcv_nxt or kcp.nrcv_buf != nrcv_buf:
             self._echo_at_ms = now_ms + ECHO_DELAY_INTERVALS * self._interval_ms
             self._echoes_left = ECHOES
-        if pushes:
+        if data:
             accepted = (kcp.rcv_nxt + kcp.nrcv_buf - rcv_nxt - nrcv_buf) & MASK32
-            self.segments_in += pushes
-            self.duplicates_in += pushes - accepted
+            self.segments_in += len(data)
+            self.duplicates_in += len(data) - accepted
+            if kcp.nrcv_buf:
+                # What ikcp acknowledged and holds beyond rcv_nxt: at least rcv_nxt (now) and below
+                # the window's end before this input.
+                low = kcp.rcv_nxt
+                span = (rcv_nxt + kcp.rcv_wnd - low) & MASK32
+                self._ack_fresh.extend((sn, ts, now_ms) for sn, ts in data if (sn - low) & MASK32 < span)
         return bool(ok)
 
     def read(self) -> bytes:
@@ -283,11 +305,50 @@ class KcpSession:
             return []
         conv = self.conv
         self.retransmits += sum(count_pushes(body, conv) for body in out) - new_segments
+        self._repeat_acks(kcp, out, now_ms)
         bodies = out[:]
         out.clear()
         self.packets_out += len(bodies)
         self.bytes_out += sum(map(len, bodies))
         return bodies
+
+    def _repeat_acks(self, kcp: KCPConnection, out: list[bytes], now_ms: int) -> None:
+        """Append the ACKs still owed a repeat to this flush's packets; the ACKs ikcp just sent
+        become owed."""
+        pending = self._ack_repeats
+        if pending:
+            una = kcp.rcv_nxt
+            wnd = kcp.rcv_wnd - kcp.nrcv_que if kcp.nrcv_que < kcp.rcv_wnd else 0
+            conv = self.conv
+            if len(pending) > MAX_ACK_REPEATS_PER_FLUSH:
+                del pending[: len(pending) - MAX_ACK_REPEATS_PER_FLUSH]
+            acks: list[bytes] = []
+            kept: list[tuple[int, int, int, int]] = []
+            for sn, ts, at_ms, left in pending:
+                if (sn - una) & MASK32 >= 0x80000000:
+                    continue  # una covers it now
+                # The echoed timestamp moves on by the time we held the ACK, so the sender's RTT
+                # sample from the repeat is the path's, not the path's plus our delay.
+                acks.append(ack_segment(conv, wnd, ts + now_ms - at_ms, sn, una))
+                if left > 1:
+                    kept.append((sn, ts, at_ms, left - 1))
+            self._ack_repeats = kept
+            if acks:
+                self._pack(out, acks)
+        fresh = self._ack_fresh
+        if fresh:
+            self._ack_repeats.extend((sn, ts, at_ms, ACK_REPEATS) for sn, ts, at_ms in fresh)
+            self._ack_fresh = []
+
+    def _pack(self, out: list[bytes], acks: list[bytes]) -> None:
+        """Add whole ACK segments to the last packet while it stays within the MTU, then to new ones."""
+        per_packet = self._config.mtu // HEADER_LEN
+        room = (self._config.mtu - len(out[-1])) // HEADER_LEN
+        if room > 0:
+            out[-1] = out[-1] + b"".join(acks[:room])
+            acks = acks[room:]
+        for start in range(0, len(acks), per_packet):
+            out.append(b"".join(acks[start : start + per_packet]))
 
     def _repair_windows(self, kcp: KCPConnection, now_ms: int) -> None:
         if 0 <= self._echo_at_ms <= now_ms:
