@@ -6,15 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from siokcp import KCPConnection
 
-from pytier.transport.kcp_segments import (
-    CMD_ACK,
-    CMD_PUSH,
-    CMD_WINS,
-    SEGMENT,
-    ack_segment,
-    count_pushes,
-    segments,
-)
+from pytier.transport.kcp_segments import CMD_PUSH, SEGMENT, ack_segment, count_pushes, pushes
 
 CONV = 0x1234
 
@@ -38,25 +30,38 @@ def push(sn: int, data: bytes, conv: int = CONV) -> bytes:
 
 
 @given(st.binary(max_size=200), st.integers(0, 0xFFFFFFFF))
-def test_arbitrary_bytes_never_raise(body: bytes, conv: int) -> None:
-    for cmd, _sn, _ts in segments(body, conv):
-        assert CMD_PUSH <= cmd <= CMD_WINS
+def test_arbitrary_bytes_never_raise_and_every_segment_ikcp_took_is_found(body: bytes, conv: int) -> None:
+    body = conv.to_bytes(4, "little") + body  # the conversation's own conv lets some segments through
+    found = pushes(body, conv)
+    receiver, _ = ikcp(conv)
+    receiver.receive_data(body)
+    assert len(found) >= receiver.nrcv_buf + receiver.nrcv_que
 
 
 def test_ikcp_output_reads_back_segment_by_segment() -> None:
     sender, out = ikcp()
     sender.send(bytes(3000))
     sender.flush()
-    assert [list(segments(body, CONV)) for body in out] == [[(CMD_PUSH, 0, 0)], [(CMD_PUSH, 1, 0)],
-                                                            [(CMD_PUSH, 2, 0)]]
+    assert [pushes(body, CONV) for body in out] == [[(0, 0)], [(1, 0)], [(2, 0)]]
+    assert [count_pushes(body, CONV) for body in out] == [1, 1, 1]
     receiver, acks = ikcp()
     receiver.current = 5
     for body in out:
         receiver.receive_data(body)
     receiver.flush()
     (ack_body,) = acks
-    assert list(segments(ack_body, CONV)) == [(CMD_ACK, 0, 0), (CMD_ACK, 1, 0), (CMD_ACK, 2, 0)]
+    assert len(ack_body) == 3 * SEGMENT.size and pushes(ack_body, CONV) == []
     assert count_pushes(ack_body, CONV) == 0
+    # ACKs, a window update and data in one body: every kind the session's own output has.
+    sender.send(bytes(100))
+    sender.flush()
+    receiver.receive_data(out[-1])
+    receiver.probe = 2  # IKCP_ASK_TELL
+    receiver.send(bytes(10))
+    receiver.flush()
+    (mixed,) = acks[1:]
+    assert len(mixed) == 3 * SEGMENT.size + 10  # ACK, WINS, PUSH
+    assert count_pushes(mixed, CONV) == 1 and pushes(mixed, CONV) == [(0, 5)]
 
 
 def test_reading_stops_where_ikcp_stops() -> None:
@@ -67,7 +72,7 @@ def test_reading_stops_where_ikcp_stops() -> None:
         receiver, _ = ikcp()
         receiver.receive_data(good + tail)
         assert receiver.rcv_nxt == 2  # ikcp took the two good segments and nothing of the tail
-        assert [sn for _, sn, _ in segments(good + tail, CONV)] == [0, 1]
+        assert [sn for sn, _ in pushes(good + tail, CONV)] == [0, 1]
 
 
 def test_an_ack_we_write_is_an_ack_to_ikcp() -> None:

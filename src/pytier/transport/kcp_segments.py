@@ -2,8 +2,8 @@
 
 A KCP packet body is a run of segments, each a 24-byte little-endian header (conv, cmd, frg, wnd,
 ts, sn, una, len) and `len` bytes of data. ikcp_input stops at the first segment with a foreign
-conv, an impossible length or an unknown command; `segments` stops at the same place, so what it
-yields is exactly what ikcp processed.
+conv, an impossible length or an unknown command; `pushes` stops at the same place, so the data
+segments it finds are exactly those ikcp processed.
 """
 
 from __future__ import annotations
@@ -21,24 +21,9 @@ _READ = struct.Struct("<IB3xII4xI")  # conv, cmd, ts, sn, len: what the readers 
 _ACK_BYTE = bytes([CMD_ACK])
 
 
-def segments(body: bytes | memoryview, conv: int) -> list[tuple[int, int, int]]:
-    """(cmd, sn, ts) of each segment of conversation `conv` that ikcp_input would process."""
-    size = len(body)
-    off = 0
-    unpack = _READ.unpack_from
-    found: list[tuple[int, int, int]] = []
-    while size - off >= HEADER_LEN:
-        seg_conv, cmd, ts, sn, length = unpack(body, off)
-        off += HEADER_LEN
-        if seg_conv != conv or length > size - off or not CMD_PUSH <= cmd <= CMD_WINS:
-            break
-        found.append((cmd, sn, ts))
-        off += length
-    return found
-
-
 def pushes(body: bytes | memoryview, conv: int, start: int = 0) -> list[tuple[int, int]]:
-    """(sn, ts) of the data segments among `segments(body, conv)` (from offset `start`)."""
+    """(sn, ts) of the data segments of conversation `conv` that ikcp_input would process, reading
+    from offset `start`."""
     size = len(body)
     off = start
     unpack = _READ.unpack_from
