@@ -26,7 +26,8 @@ the 20 ms / 100 Mbit/s model link at 20% loss that is ~52 Mbit/s of goodput agai
 correction. The draining phase sends below the estimated bandwidth, so what it loses is lost at
 random, not to our own queue; if the estimate were too high, that phase would overflow the queue
 too, but the correction then only brings the estimate back to what the draining phase could send,
-which is below what it was: a shallow queue cannot talk the estimate up.
+which is below what it was: a shallow queue cannot talk the estimate up. A corrected sample never
+exceeds the rate at which its interval's packets were sent, so a noisy loss estimate cannot either.
 
 Units: bytes, seconds, bytes per second. Time is whatever clock the caller passes in.
 """
@@ -76,6 +77,8 @@ class SentState:
     first_sent_time: float
     is_app_limited: bool
     draining: bool = False  # sent in PROBE_BW's gain < 1 phase (it samples the random loss rate)
+    sent_total: int = 0  # bytes sent so far, this packet included
+    first_sent_total: int = 0  # bytes sent so far when the sample's send interval began
 
 
 class _MaxFilter:
@@ -131,6 +134,8 @@ class Bbr:
         self.delivered = 0
         self._delivered_time = now
         self._first_sent_time = now
+        self.sent_total = 0
+        self._first_sent_total = 0
         self._app_limited_until = 0  # 0: not app-limited; else the `delivered` mark that ends it
         # rounds
         self.round_count = 0
@@ -177,10 +182,13 @@ class Bbr:
         if self.bytes_in_flight == 0:
             self._first_sent_time = now
             self._delivered_time = now
+            self._first_sent_total = self.sent_total
         self.bytes_in_flight += size
+        self.sent_total += size
         return SentState(size, now, self.delivered, self._delivered_time, self._first_sent_time,
                          self._app_limited_until != 0,
-                         self.state is BbrState.PROBE_BW and self.pacing_gain < 1.0)
+                         self.state is BbrState.PROBE_BW and self.pacing_gain < 1.0,
+                         self.sent_total, self._first_sent_total)
 
     def on_app_limited(self) -> None:
         """The sender had nothing more to send although the window and the pacer allowed it."""
@@ -203,12 +211,16 @@ class Bbr:
         send_elapsed = packet.sent_time - packet.first_sent_time
         ack_elapsed = now - packet.delivered_time
         self._first_sent_time = packet.sent_time
+        self._first_sent_total = packet.sent_total
         interval = send_elapsed if send_elapsed > ack_elapsed else ack_elapsed
         rate = 0.0
         if interval > 0.0 and (interval >= self.rtprop or self.rtprop == _INF):
             rate = (delivered - packet.delivered) / interval
-            if self.loss_tolerant:
-                rate /= 1.0 - self.random_loss
+            if self.loss_tolerant and self.random_loss > 0.0 and send_elapsed > 0.0:
+                # What passed the bottleneck, lost after it included, but never more than was sent.
+                sent_rate = (packet.sent_total - packet.first_sent_total) / send_elapsed
+                compensated = rate / (1.0 - self.random_loss)
+                rate = max(rate, min(compensated, sent_rate))
         if packet.draining:
             self._count_random_loss(lost=False)
         # round counting
