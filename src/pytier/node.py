@@ -90,7 +90,6 @@ class Node:
         self._mgmt: MgmtServer | None = None
         self.listener_urls: list[str] = []
         self.counters = self.peers.counters
-        self._my_ip = config.ipv4.ip.packed if config.ipv4 is not None else None
         self.proxy: ProxyService | None = None
         self._proxy_hook: Callable[[bytes], bool] | None = None
         self._reachable: set[int] = set()
