@@ -364,3 +364,42 @@ def test_two_pytier_nodes_use_larger_datagrams_quinn_gets_1200() -> None:
                                       original_destination_connection_id=dcid)
     server.receive_datagram(_quinn_like_initial(dcid, scid, params), ("client", 0), 0.0)
     assert server._max_datagram_size == 1200
+
+
+def test_server_completing_on_a_1rtt_packet_keeps_its_path_validated() -> None:
+    """The client's Handshake ACK is lost; its first 1-RTT packet completes the server's handshake.
+    aioquic validates a client's address only on a Handshake packet, and would abandon the path (and
+    the connection) a few PTOs later; the adapter validates it on that 1-RTT packet as well."""
+    now = 0.0
+    client = NullCryptoQuicConnection(configuration=make_configuration(is_client=True))
+    client.connect(("s", 0), now)
+    [(d1, _)] = client.datagrams_to_send(now)
+    server = NullCryptoQuicConnection(configuration=make_configuration(is_client=False),
+                                      original_destination_connection_id=d1[6:6 + d1[5]])
+    server.receive_datagram(d1, ("c", 0), now)
+    for d, _ in server.datagrams_to_send(now):
+        client.receive_datagram(d, ("s", 0), now)
+    client.datagrams_to_send(now)  # the Handshake ACK: lost
+    sid = client.get_next_available_stream_id()
+    client.send_stream_data(sid, b"hello")
+    now += 0.01
+    for d, _ in client.datagrams_to_send(now):
+        if d[0] & 0x80 == 0:  # only the 1-RTT packet arrives
+            server.receive_datagram(d, ("c", 0), now)
+    assert server.handshake_complete and server._network_paths[0].is_validated
+    received = b""
+    for _ in range(400):  # 4 s: well past the path validation deadline
+        now += 0.01
+        for d, _ in client.datagrams_to_send(now):
+            server.receive_datagram(d, ("c", 0), now)
+        for d, _ in server.datagrams_to_send(now):
+            client.receive_datagram(d, ("s", 0), now)
+        for conn in (client, server):
+            t = conn.get_timer()
+            if t is not None and t <= now:
+                conn.handle_timer(now)
+        while (ev := server.next_event()) is not None:
+            assert not isinstance(ev, events.ConnectionTerminated), ev
+            if isinstance(ev, events.StreamDataReceived):
+                received += ev.data
+    assert received == b"hello" and not server.closed

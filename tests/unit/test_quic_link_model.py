@@ -111,6 +111,52 @@ def test_goodput_floor_on_lossy_link(loss: float, floor_mbit: float) -> None:
     assert run.goodput_mbit > floor_mbit, run
 
 
+def request_response(loss: float, seed: int, count: int = 100, until: float = 15.0) -> int:
+    """Sequential 64-byte requests answered by an echo, as an interactive session; returns how many
+    were answered within `until` seconds of virtual time."""
+    link: DuplexLink[tuple[int, bytes]] = DuplexLink(
+        LinkParams(delay_s=0.020, rate_bps=100e6, queue_s=0.050, loss=loss), seed=seed)
+    client, server = QuicEndpoint(CLIENT), QuicEndpoint(SERVER)
+    handle = client.open(SERVER, b"rr", 0.0)
+    st = {"sent": 0, "answered": 0, "waiting": False}
+
+    def client_app(now: float) -> None:
+        while (ev := client.next_event()) is not None:
+            if isinstance(ev, StreamData):
+                client.consume(handle, len(ev.data))
+                st["answered"] += 1
+                st["waiting"] = False
+        if not st["waiting"] and st["sent"] < count:
+            client.send(handle, b"q" * 64)
+            st["sent"] += 1
+            st["waiting"] = True
+
+    def server_app(now: float) -> None:
+        while (ev := server.next_event()) is not None:
+            if isinstance(ev, IncomingStream):
+                server.accept(ev.handle)
+            elif isinstance(ev, StreamData):
+                server.consume(ev.handle, len(ev.data))
+                server.send(ev.handle, ev.data)
+
+    def node(ep: QuicEndpoint, app: object, peer: int) -> SansIoNode[tuple[int, bytes]]:
+        return SansIoNode(
+            receive=lambda item, now: ep.receive(peer, item[0], item[1], now),
+            transmit=lambda now: [((kind, data), len(data)) for _p, kind, data in ep.datagrams_to_send(now)],
+            get_timer=ep.get_timer, handle_timer=ep.handle_timer, app=app)  # type: ignore[arg-type]
+
+    run_link(link, node(client, client_app, SERVER), node(server, server_app, CLIENT), start=0.0, until=until,
+             stop=lambda: st["answered"] >= count)
+    return st["answered"]
+
+
+@pytest.mark.parametrize("seed", range(1, 9))
+def test_interactive_session_survives_20_percent_loss(seed: int) -> None:
+    # Seed 3 once lost the Handshake ACK: the server completed on a 1-RTT packet, left its path
+    # unvalidated, and aioquic closed the connection 0.7 s later.
+    assert request_response(0.20, seed) == 100
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0)

@@ -429,6 +429,10 @@ class NullCryptoQuicConnection(QuicConnection):
             and context.epoch in (tls.Epoch.HANDSHAKE, tls.Epoch.ONE_RTT)
             and self.tls.state is tls.State.SERVER_EXPECT_FINISHED
         ):
+            # The client could only send this after it had our Handshake packet: that validates its
+            # address as a Handshake packet does in aioquic, also when this is a 1-RTT packet (its
+            # Handshake ACK was lost); an unvalidated path would be abandoned a few PTOs later.
+            context.network_path.is_validated = True
             self._complete_server_handshake()
         return super()._payload_received(context, plain, crypto_frame_required=crypto_frame_required)
 

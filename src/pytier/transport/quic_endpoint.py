@@ -230,7 +230,9 @@ class QuicEndpoint:
     # ---- stream I/O -----------------------------------------------------------------------------
 
     def send(self, handle: int, data: bytes) -> None:
-        stream = self._streams[handle]
+        stream = self._streams.get(handle)
+        if stream is None:
+            raise ConnectionResetError("the QUIC stream is gone")
         if stream.local_fin:
             raise ValueError("stream already finished")
         stream.conn.quic.send_stream_data(stream.stream_id, data)
