@@ -102,7 +102,7 @@ def test_startup_drain_probe_bw_and_the_model() -> None:
     assert 0.9 * 10e6 <= bbr.btlbw <= 1.1 * 10e6
     assert 0.040 <= bbr.rtprop <= 0.042
     bdp = bbr.btlbw * bbr.rtprop
-    assert bbr.cwnd <= 2 * bdp + 3 * MSS + 1
+    assert bbr.cwnd <= 2 * bdp + 3 * bbr.send_quantum() + 1
     assert bbr.pacing_rate == pytest.approx(bbr.pacing_gain * bbr.btlbw)
     # The gains of each state.
     gains = {s: {g for _, st, g in path.trace if st is s} for s in (BbrState.STARTUP, BbrState.DRAIN)}

@@ -34,6 +34,7 @@ from pytier.netstack.stack import NetStack
 TUPLE_LINGER_S = 30.0
 READ_BUFFER_HIGH = 1024 * 1024
 READ_BUFFER_LOW = 256 * 1024
+READ_BATCH = 64 * 1024
 
 
 class LocalStream:
@@ -95,7 +96,18 @@ class LocalStream:
                 return b""
             self._readable.clear()
             await self._readable.wait()
-        data = self._chunks.popleft()
+        # The stack delivers a segment at a time; hand the transport large writes, as a socket
+        # read would (QUIC in particular pays per write).
+        chunks = self._chunks
+        data = chunks.popleft()
+        if chunks and len(data) < READ_BATCH:
+            parts = [data]
+            size = len(data)
+            while chunks and size + len(chunks[0]) <= READ_BATCH:
+                part = chunks.popleft()
+                parts.append(part)
+                size += len(part)
+            data = b"".join(parts)
         self._buffered -= len(data)
         if self._buffered < READ_BUFFER_LOW:
             with contextlib.suppress(KeyError, NetStackError):

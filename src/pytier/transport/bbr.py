@@ -49,6 +49,8 @@ PROBE_RTT_DURATION_S = 0.200
 FULL_BW_GROWTH = 1.25
 FULL_BW_ROUNDS = 3
 MIN_PIPE_PACKETS = 4
+SEND_QUANTUM_S = 0.002  # seconds of pacing rate released as one burst
+MAX_SEND_QUANTUM = 64 * 1024  # bytes
 INITIAL_CWND_PACKETS = 32
 INITIAL_RTT_S = 0.100  # before the first RTT sample
 # loss_tolerant: the random loss rate is averaged over batches of this many draining-phase packets ...
@@ -174,7 +176,14 @@ class Bbr:
 
     def _target_cwnd(self, gain: float) -> int:
         # Three send quanta on top, so that delayed and stretched ACKs do not starve the pipe.
-        return int(self.bdp(gain)) + 3 * self.mss
+        return int(self.bdp(gain)) + 3 * self.send_quantum()
+
+    def send_quantum(self) -> int:
+        """What the pacer releases at once: about 2 ms at the pacing rate (it wakes per ~1 ms of
+        credit, bursts capped at 2 ms), between 2 packets and 64 KB. On a fast path with a tiny RTT
+        (two nodes on one LAN) one packet would cap the window far below the rate: an event loop
+        delivers ACKs in batches, late by more than the whole RTT."""
+        return int(min(max(self.pacing_rate * SEND_QUANTUM_S, 2 * self.mss), MAX_SEND_QUANTUM))
 
     # ---- events ---------------------------------------------------------------------------------
 
