@@ -9,11 +9,19 @@ Pitfalls of ikcp/siokcp handled here:
   it anyway.
 * ikcp refuses one `send` of 128 fragments or more: writes go in chunks.
 * ikcp takes RTT samples against `current`, which only `ikcp_update` sets; input sets it first.
+* ikcp counts an ACK towards fast-resending an older segment only if the acknowledged segment was
+  sent no earlier (by its timestamp) than that segment's last transmission. With millisecond
+  timestamps, segments sent by earlier flushes of the same millisecond pass that test, so their ACKs
+  fast-resend a retransmission still on its way (at 20% loss and a flush per arriving ACK, 0.15
+  duplicates per new segment). ikcp's clock here runs in sixteenths of a millisecond, each flush in
+  a millisecond one tick later than the one before; its interval and RTOs are scaled to match, its
+  fixed limits become 16 times shorter (RTO at most 3.75 s, first window probe after 0.44 s). The
+  timestamp means nothing to the receiver, which only echoes it.
 * A window update (WINS) that gets lost after the receive queue was full stalls the sender until
-  its first window probe, 7 s later. Received data is read before ACKs are flushed (so a reader that
-  keeps up never advertises a closed window), a receiver whose advertised window was low keeps
-  telling its window once per round trip after it reopens until new data arrives, and a sender
-  facing a zero window probes after a few round trips instead of 7 s.
+  ikcp's first window probe (7 s on ikcp's usual millisecond clock). Received data is read before
+  ACKs are flushed (so a reader that keeps up never advertises a closed window), a receiver whose
+  advertised window was low keeps telling its window once per round trip after it reopens until
+  new data arrives, and a sender facing a zero window probes after a few round trips.
 * ikcp acknowledges each segment exactly once, and a sender fast-resends a segment whose ACK was
   lost as soon as two later ACKs arrive, though it arrived: under random loss most segments arrive
   above a hole, where una does not cover them. The ACKs of those ride again on our next packets
@@ -35,6 +43,7 @@ from pytier.transport.kcp_segments import HEADER_LEN, ack_segment, count_pushes,
 IKCP_ASK_SEND = 1  # probe flag: send a window probe (WASK)
 IKCP_ASK_TELL = 2  # probe flag: tell the remote our window (WINS)
 MASK32 = 0xFFFFFFFF
+TICKS_PER_MS = 16  # ikcp's clock
 WINDOW_TELL_LIMIT_MS = 3000  # keep re-telling a reopened window at most this long
 # ikcp's RTO is srtt + max(interval, 4 x rttvar): barely above the RTT on a steady path, so a queue
 # of a few ms (the pacer's probing makes one on purpose) fires spurious timeouts for a whole window.
@@ -77,6 +86,8 @@ class KcpSession:
         "_ack_repeats",
         "_base_minrto",
         "_chunk",
+        "_clock_ms",
+        "_clock_seq",
         "_config",
         "_echo_at_ms",
         "_echoes_left",
@@ -124,13 +135,17 @@ class KcpSession:
         kcp = KCPConnection(conv, emit, sink)
         kcp.nodelay(config.nodelay, config.interval_ms, config.fast_resend, 0 if config.pacing else 1)
         # ikcp_nodelay floors the interval at 10 ms; the field itself takes any value.
-        kcp.interval = config.interval_ms
+        kcp.interval = config.interval_ms * TICKS_PER_MS
+        kcp.rx_minrto *= TICKS_PER_MS
+        kcp.rx_rto *= TICKS_PER_MS
         kcp.wndsize(config.snd_wnd, config.rcv_wnd)
         kcp.setmtu(config.mtu)
         kcp.stream = 1
         kcp.fastlimit = config.fast_limit
         kcp.dead_link = config.dead_link
-        kcp.update(now_ms & MASK32)  # ikcp flushes nothing before its first update
+        self._clock_ms = now_ms
+        self._clock_seq = 0
+        kcp.update((now_ms * TICKS_PER_MS) & MASK32)  # ikcp flushes nothing before its first update
         self._kcp: KCPConnection | None = kcp
         self._interval_ms = config.interval_ms
         self._base_minrto = int(kcp.rx_minrto)
@@ -163,8 +178,8 @@ class KcpSession:
         self.retransmits = 0  # data segments sent again, fast and timeout resends alike
         self.segments_in = 0  # data segments received, duplicates included
         self.duplicates_in = 0  # of which ikcp already had (or could not take)
-        self._ack_fresh: list[tuple[int, int, int]] = []  # (sn, ts, ms) acknowledged by the next flush
-        self._ack_repeats: list[tuple[int, int, int, int]] = []  # (sn, ts, ms, repeats left)
+        self._ack_fresh: list[tuple[int, int]] = []  # (sn, ts) acknowledged by the next flush
+        self._ack_repeats: list[tuple[int, int, int]] = []  # (sn, ts, repeats left)
 
     # --- data in ------------------------------------------------------------------------------
 
@@ -173,10 +188,12 @@ class KcpSession:
         kcp = self._kcp
         if kcp is None:
             return False
-        kcp.current = now_ms & MASK32
+        kcp.current = self._clock(now_ms, False)
         srtt = kcp.rx_srtt
         if srtt > 0:
-            kcp.rx_minrto = max(self._base_minrto, int(srtt * RTO_FLOOR_FACTOR) + self._interval_ms)
+            kcp.rx_minrto = max(
+                self._base_minrto, int(srtt * RTO_FLOOR_FACTOR) + self._interval_ms * TICKS_PER_MS
+            )
         self.packets_in += 1
         self.bytes_in += len(body)
         rcv_nxt, nrcv_buf = kcp.rcv_nxt, kcp.nrcv_buf
@@ -194,7 +211,7 @@ class KcpSession:
                 # the window's end before this input.
                 low = kcp.rcv_nxt
                 span = (rcv_nxt + kcp.rcv_wnd - low) & MASK32
-                self._ack_fresh.extend((sn, ts, now_ms) for sn, ts in data if (sn - low) & MASK32 < span)
+                self._ack_fresh.extend((sn, ts) for sn, ts in data if (sn - low) & MASK32 < span)
         return bool(ok)
 
     def read(self) -> bytes:
@@ -284,7 +301,7 @@ class KcpSession:
         if kcp is None:
             return []
         self._last_flush_ms = now_ms
-        kcp.current = now_ms & MASK32
+        kcp.current = self._clock(now_ms, True)
         self._repair_windows(kcp, now_ms)
         pacer = self._pacer
         snd_nxt = kcp.snd_nxt
@@ -292,7 +309,9 @@ class KcpSession:
             nsnd_buf = kcp.nsnd_buf
             span = (snd_nxt - kcp.snd_una) & MASK32
             eligible = kcp.nsnd_que > 0 and span < min(kcp.snd_wnd, kcp.rmt_wnd)
-            allowed = pacer.allowance(now_ms, (snd_nxt - nsnd_buf) & MASK32, nsnd_buf, kcp.rx_srtt, eligible)
+            allowed = pacer.allowance(
+                now_ms, (snd_nxt - nsnd_buf) & MASK32, nsnd_buf, self._srtt_ms(kcp), eligible
+            )
             kcp.cwnd = span + allowed
         kcp.flush()
         new_segments = (kcp.snd_nxt - snd_nxt) & MASK32
@@ -305,14 +324,30 @@ class KcpSession:
             return []
         conv = self.conv
         self.retransmits += sum(count_pushes(body, conv) for body in out) - new_segments
-        self._repeat_acks(kcp, out, now_ms)
+        self._repeat_acks(kcp, out)
         bodies = out[:]
         out.clear()
         self.packets_out += len(bodies)
         self.bytes_out += sum(map(len, bodies))
         return bodies
 
-    def _repeat_acks(self, kcp: KCPConnection, out: list[bytes], now_ms: int) -> None:
+    def _clock(self, now_ms: int, next_flush: bool) -> int:
+        """ikcp's time for `now_ms`: a flush gets a later tick than the flushes before it in the
+        same millisecond (until the millisecond's ticks run out)."""
+        if now_ms != self._clock_ms:
+            self._clock_ms = now_ms
+            self._clock_seq = 0
+        elif next_flush and self._clock_seq < TICKS_PER_MS - 1:
+            self._clock_seq += 1
+        return (now_ms * TICKS_PER_MS + self._clock_seq) & MASK32
+
+    @staticmethod
+    def _srtt_ms(kcp: KCPConnection) -> int:
+        """ikcp's smoothed RTT in whole milliseconds, 0 before the first sample (and at least 1 after)."""
+        srtt = int(kcp.rx_srtt)
+        return 0 if srtt <= 0 else max(1, srtt // TICKS_PER_MS)
+
+    def _repeat_acks(self, kcp: KCPConnection, out: list[bytes]) -> None:
         """Append the ACKs still owed a repeat to this flush's packets; the ACKs ikcp just sent
         become owed."""
         pending = self._ack_repeats
@@ -323,21 +358,20 @@ class KcpSession:
             if len(pending) > MAX_ACK_REPEATS_PER_FLUSH:
                 del pending[: len(pending) - MAX_ACK_REPEATS_PER_FLUSH]
             acks: list[bytes] = []
-            kept: list[tuple[int, int, int, int]] = []
-            for sn, ts, at_ms, left in pending:
+            kept: list[tuple[int, int, int]] = []
+            for sn, ts, left in pending:
                 if (sn - una) & MASK32 >= 0x80000000:
                     continue  # una covers it now
-                # The echoed timestamp moves on by the time we held the ACK, so the sender's RTT
-                # sample from the repeat is the path's, not the path's plus our delay.
-                acks.append(ack_segment(conv, wnd, ts + now_ms - at_ms, sn, una))
+                # The timestamp is echoed as it came: it is the sender's clock, in the sender's unit.
+                acks.append(ack_segment(conv, wnd, ts, sn, una))
                 if left > 1:
-                    kept.append((sn, ts, at_ms, left - 1))
+                    kept.append((sn, ts, left - 1))
             self._ack_repeats = kept
             if acks:
                 self._pack(out, acks)
         fresh = self._ack_fresh
         if fresh:
-            self._ack_repeats.extend((sn, ts, at_ms, ACK_REPEATS) for sn, ts, at_ms in fresh)
+            self._ack_repeats.extend((sn, ts, ACK_REPEATS) for sn, ts in fresh)
             self._ack_fresh = []
 
     def _pack(self, out: list[bytes], acks: list[bytes]) -> None:
@@ -355,7 +389,7 @@ class KcpSession:
             kcp.probe |= IKCP_ASK_TELL
             self._echoes_left -= 1
             if self._echoes_left > 0:
-                self._echo_at_ms = now_ms + max(self._interval_ms, int(kcp.rx_srtt) // 2)
+                self._echo_at_ms = now_ms + max(self._interval_ms, self._srtt_ms(kcp) // 2)
             else:
                 self._echo_at_ms = -1
         if self._tell_next_ms >= 0:
@@ -363,10 +397,10 @@ class KcpSession:
                 self._tell_next_ms = -1
             elif now_ms >= self._tell_next_ms:
                 kcp.probe |= IKCP_ASK_TELL
-                self._tell_next_ms = now_ms + max(self._interval_ms, int(kcp.rx_srtt) or 100)
+                self._tell_next_ms = now_ms + max(self._interval_ms, self._srtt_ms(kcp) or 100)
         if kcp.rmt_wnd == 0 and kcp.nsnd_que > 0:
             if self._probe_at_ms < 0:
-                self._probe_backoff_ms = max(ZERO_WINDOW_PROBE_MIN_MS, 2 * int(kcp.rx_srtt))
+                self._probe_backoff_ms = max(ZERO_WINDOW_PROBE_MIN_MS, 2 * self._srtt_ms(kcp))
                 self._probe_at_ms = now_ms + self._probe_backoff_ms
             elif now_ms >= self._probe_at_ms:
                 kcp.probe |= IKCP_ASK_SEND
@@ -403,9 +437,9 @@ class KcpSession:
         }
         if kcp is not None:
             figures.update(
-                srtt_ms=int(kcp.rx_srtt),
-                rttvar_ms=int(kcp.rx_rttval),
-                rto_ms=int(kcp.rx_rto),
+                srtt_ms=round(kcp.rx_srtt / TICKS_PER_MS, 1),
+                rttvar_ms=round(kcp.rx_rttval / TICKS_PER_MS, 1),
+                rto_ms=round(kcp.rx_rto / TICKS_PER_MS, 1),
                 timeout_retransmits=int(kcp.xmit),
                 segments_sent=int(kcp.snd_nxt),
                 in_flight=int(kcp.nsnd_buf),
