@@ -209,18 +209,27 @@ class ProxyService:
             # Kernel mode proxies this node's own connections only; TCP that a LAN host routes
             # through us goes as plain packets (subnet-to-subnet needs the user-space stack).
             return False
+        plan = self._plan(pkt, hl, src, dst)
+        if plan is None:
+            return False
+        self._pending.add(key)
+        self._spawn(self._connect(bytes(pkt), key, dst, dport, *plan))
+        return True
+
+    def _plan(self, pkt: bytes, hl: int, src: bytes, dst: bytes
+              ) -> tuple[int, Transport, ProxyEntry, int] | None:
+        """For a SYN toward another node: the destination node, the transport it takes and a new
+        row; None when the SYN goes out as a plain packet (no route, or no transport it takes)."""
         peer = self._peer_for_ip(dst)
         if peer is None:
-            return False
+            return None
+        sport, dport = _PORTS.unpack_from(pkt, hl)
         transport = self.choose(peer)
         if transport is None:
             self._start_plain(pkt, hl, src, sport, dst, dport, peer)
-            return False
-        self._pending.add(key)
+            return None
         entry = ProxyEntry(_addr_port(src, sport), _addr_port(dst, dport), transport.kind, peer_id=peer)
-        entry_key = self.entries.add(entry)
-        self._spawn(self._connect(bytes(pkt), key, dst, dport, peer, transport, entry, entry_key))
-        return True
+        return peer, transport, entry, self.entries.add(entry)
 
     async def _connect(self, syn: bytes, key: tuple[bytes, int], dst: bytes, dport: int, peer: int,
                        transport: Transport, entry: ProxyEntry, entry_key: int) -> None:
@@ -300,16 +309,10 @@ class ProxyService:
         src, dst = pkt[12:16], pkt[16:20]
         if dst == self._own_ip:
             return False
-        peer = self._peer_for_ip(dst)
-        if peer is None:
+        plan = self._plan(pkt, hl, src, dst)
+        if plan is None:
             return False
-        sport, dport = _PORTS.unpack_from(pkt, hl)
-        transport = self.choose(peer)
-        if transport is None:
-            self._start_plain(pkt, hl, src, sport, dst, dport, peer)
-            return False
-        entry = ProxyEntry(_addr_port(src, sport), _addr_port(dst, dport), transport.kind, peer_id=peer)
-        self._us_choice[key] = (peer, transport, entry, self.entries.add(entry))
+        self._us_choice[key] = plan
         us.feed(key, pkt)
         return True
 
