@@ -279,25 +279,33 @@ def probe_rtt(link: EmulatedLink, via: RowSetup, cell: Cell, count: int, seconds
                           + (f", error: {result['error']}" if result.get("error") else ""))
 
 
-def run_iperf(link: EmulatedLink, via: RowSetup, cell: Cell, seconds: int) -> None:
+def run_iperf(link: EmulatedLink, via: RowSetup, cell: Cell, seconds: int,
+              during: Callable[[float], None] | None = None) -> dict[str, Any] | None:
+    """One iperf3 -C cubic flow B->A; fills goodput and CPU into `cell` and returns iperf3's report.
+    `during` runs while the client does, given the monotonic time the client was started at."""
     srv = link.a.popen(["iperf3", "-s", "-1", "-B", via.bind_ip, "-p", str(IPERF_PORT)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client: subprocess.Popen[str] | None = None
     try:
         wait_tcp_listen(link.a, IPERF_PORT)
         cpu0 = {k: cpu_seconds(p.pid) for k, p in via.procs.items()}
         argv = ["iperf3", "-c", via.connect_ip, "-p", str(via.iperf_port), "-J", "-C", "cubic",
                 "-t", str(seconds)]
+        started = time.monotonic()
+        client = link.b.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if during is not None:
+            during(started)
         try:
-            proc = link.b.run(argv, check=False, timeout=seconds + 60)
+            out, err = client.communicate(timeout=max(1.0, started + seconds + 60 - time.monotonic()))
         except subprocess.TimeoutExpired:
             cell.notes.append(f"iperf3 did not finish within {seconds + 60} s")
-            return
+            return None
         cell.cpu = {k: cpu_seconds(p.pid) - cpu0[k] for k, p in via.procs.items() if p.poll() is None}
         try:
-            report: dict[str, Any] = json.loads(proc.stdout)
+            report: dict[str, Any] = json.loads(out)
         except ValueError:
-            cell.notes.append(f"iperf3 exit {proc.returncode}: {proc.stderr.strip()[-200:]}")
-            return
+            cell.notes.append(f"iperf3 exit {client.returncode}: {err.strip()[-200:]}")
+            return None
         if "error" in report:
             cell.notes.append(f"iperf3: {report['error']}")
         end = report.get("end", {})
@@ -306,7 +314,10 @@ def run_iperf(link: EmulatedLink, via: RowSetup, cell: Cell, seconds: int) -> No
         idle = [i for i, iv in enumerate(report.get("intervals", [])) if iv["sum"]["bytes"] == 0]
         if idle:
             cell.notes.append(f"iperf3 sender moved no bytes in {len(idle)} of the 1 s intervals (at {idle})")
+        return report
     finally:
+        if client is not None:
+            stop_process(client)
         stop_process(srv)
 
 
@@ -324,14 +335,17 @@ def scan_logs(via: RowSetup, cell: Cell, keep_as: Path) -> None:
             cell.notes.append(f"{len(alarms)} alarm line(s) in {kept}, first: {alarms[0][:200]}")
 
 
-def measure(row: str, tb: Testbed, link: EmulatedLink, args: argparse.Namespace, logdir: Path) -> Cell:
-    cell = Cell()
+def measure_row(row: str, tb: Testbed, link: EmulatedLink, logdir: Path, log_name: str, cell: Cell, *,
+                rtt_count: int, rtt_seconds: float, flow: Callable[[RowSetup], object]) -> None:
+    """Set up a row, probe its round trips, run `flow` (the bulk transfer) and record what the
+    emulator did to the data direction meanwhile; a failure becomes a note in `cell`. The row's
+    processes are always ended and its logs kept as `log_name`-<log> in `logdir`."""
     via: RowSetup | None = None
     try:
         via = setup(row, tb, link, logdir)
-        probe_rtt(link, via, cell, args.rtt_count, args.rtt_seconds)
+        probe_rtt(link, via, cell, rtt_count, rtt_seconds)
         before = link_counters_now(link).ba
-        run_iperf(link, via, cell, args.seconds)
+        flow(via)
         cell.data_dir = counters_since(before, link_counters_now(link).ba)
         if cell.data_dir.socket_dropped or cell.data_dir.send_failed:
             cell.notes.append(f"the emulator fell behind: {cell.data_dir.socket_dropped} B->A frames dropped "
@@ -345,8 +359,14 @@ def measure(row: str, tb: Testbed, link: EmulatedLink, args: argparse.Namespace,
         cell.notes.append(f"FAILED: {type(exc).__name__}: {lines[0][:200]}{last}")
     finally:
         if via is not None:
-            scan_logs(via, cell, logdir / f"{row}-{loss_tag(link)}")
+            scan_logs(via, cell, logdir / log_name)
         clear_row(link)
+
+
+def measure(row: str, tb: Testbed, link: EmulatedLink, args: argparse.Namespace, logdir: Path) -> Cell:
+    cell = Cell()
+    measure_row(row, tb, link, logdir, f"{row}-{loss_tag(link)}", cell, rtt_count=args.rtt_count,
+                rtt_seconds=args.rtt_seconds, flow=lambda via: run_iperf(link, via, cell, args.seconds))
     return cell
 
 
