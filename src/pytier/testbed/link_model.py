@@ -1,22 +1,28 @@
 """A deterministic virtual-time model of a lossy link, for testing transports without a network.
 
-Each direction is a bottleneck of `rate_bps` with a drop-tail queue that holds at most `queue_s` of
-backlog, followed by random loss and a fixed one-way delay. Packets are opaque items with a size;
-`overhead_bytes` is added to each one to stand for the UDP/IP/tunnel headers that also occupy the
-bottleneck. Loss sits after the queue, so a saturated link delivers about rate x (1 - loss).
+Each direction is, in order: an optional token-bucket policer at ingress (what does not conform is
+dropped at once); a bottleneck of `rate_bps` with a drop-tail queue that holds at most `queue_s` of
+backlog; random loss and optional Gilbert-Elliott burst loss, as two independent channels; and a
+fixed one-way delay, plus an extra delay for a `reorder` share of packets, which the packets behind
+them then overtake. Packets are opaque items with a size; `overhead_bytes` is added to each one to
+stand for the UDP/IP/tunnel headers that also occupy the bottleneck. Loss sits after the queue, so a
+saturated link delivers about rate x (1 - loss).
 
 Time is whatever float clock the caller passes in (seconds); nothing here reads a real clock, and the
-loss pattern depends only on the seed, so a run is reproducible.
+loss pattern depends only on the seed, so a run is reproducible. Parameters may be replaced mid-run
+(`set_params`) to model a path that changes under a live connection.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from pytier.testbed.path_model import GilbertElliott, Policer, Reorderer
 
 T = TypeVar("T")
 
@@ -28,6 +34,15 @@ class LinkParams:
     queue_s: float = 0.050  # drop-tail limit, as time needed to drain the backlog
     loss: float = 0.0  # probability that a packet leaving the queue is lost
     overhead_bytes: int = 88
+    # Gilbert-Elliott burst loss (see path_model.GilbertElliott), on when burst_loss > 0; the good
+    # state loses nothing, so random `loss` is the way to add background loss.
+    burst_enter: float = 0.0  # per packet, good -> bad
+    burst_exit: float = 1.0  # per packet, bad -> good; mean stay in bad is 1/burst_exit packets
+    burst_loss: float = 0.0  # loss probability in the bad state
+    police_bps: float | None = None  # token-bucket policer at ingress; None: no policer
+    police_bucket_bytes: int = 65536
+    reorder: float = 0.0  # share of packets held back by reorder_delay_s
+    reorder_delay_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -36,49 +51,97 @@ class LinkStats:
     bytes_in: int = 0
     dropped_queue: int = 0
     dropped_loss: int = 0
+    dropped_burst: int = 0
+    dropped_police: int = 0
+    reordered: int = 0
     packets_out: int = 0
     bytes_out: int = 0
 
 
 @dataclass(slots=True)
 class LinkDirection(Generic[T]):
-    """One direction of a link. `send` then `deliver` items in FIFO order."""
+    """One direction of a link. `send` then `deliver` items in arrival-time order.
+
+    The policer, burst-loss chain and reorderer draw from the direction's `rng`, and none of them
+    draws when it is off, so a run with only the classic parameters sees the same loss pattern as
+    before they existed.
+    """
 
     params: LinkParams
     rng: random.Random
     stats: LinkStats = field(default_factory=LinkStats)
     _busy_until: float = 0.0
-    _in_flight: deque[tuple[float, T, int]] = field(default_factory=deque)
+    # (arrival, sequence, item, size): the sequence keeps equal arrival times in send order and spares
+    # comparing items, which may not be orderable.
+    _in_flight: list[tuple[float, int, T, int]] = field(default_factory=list)
+    _sent: int = 0
+    _burst: GilbertElliott | None = field(init=False, default=None)
+    _policer: Policer | None = field(init=False, default=None)
+    _reorderer: Reorderer | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self._build_models()
+
+    def _build_models(self) -> None:
+        p = self.params
+        self._burst = (
+            GilbertElliott(p.burst_enter, p.burst_exit, p.burst_loss, self.rng) if p.burst_loss > 0 else None
+        )
+        self._policer = None if p.police_bps is None else Policer(p.police_bps, p.police_bucket_bytes)
+        self._reorderer = Reorderer(p.reorder, p.reorder_delay_s, self.rng) if p.reorder > 0 else None
+
+    def set_params(self, params: LinkParams) -> None:
+        """Switch to new parameters mid-run: the queue and what is in flight stay, the models start afresh
+        (a full policer bucket, the burst chain in its good state)."""
+        self.params = params
+        self._build_models()
 
     def send(self, now: float, item: T, size: int) -> bool:
-        """Offer an item of `size` bytes at time `now`; False when the queue or the loss drops it."""
+        """Offer an item of `size` bytes at time `now`; False when the policer, queue or loss drops it."""
         p = self.params
-        self.stats.packets_in += 1
-        self.stats.bytes_in += size
+        st = self.stats
+        st.packets_in += 1
+        st.bytes_in += size
+        if self._policer is not None and not self._policer.admit(size, now):
+            st.dropped_police += 1
+            return False
         if p.rate_bps is None:
             leaves = now
         else:
             start = max(now, self._busy_until)
             if start - now > p.queue_s:
-                self.stats.dropped_queue += 1
+                st.dropped_queue += 1
                 return False
             leaves = start + (size + p.overhead_bytes) * 8.0 / p.rate_bps
             self._busy_until = leaves
-        if p.loss > 0.0 and self.rng.random() < p.loss:
-            self.stats.dropped_loss += 1
+        lost = p.loss > 0.0 and self.rng.random() < p.loss
+        # The burst chain moves on every packet, lost to random loss or not: the two are independent.
+        burst_lost = self._burst is not None and self._burst.drop()
+        if lost:
+            st.dropped_loss += 1
             return False
-        self._in_flight.append((leaves + p.delay_s, item, size))
+        if burst_lost:
+            st.dropped_burst += 1
+            return False
+        arrival = leaves + p.delay_s
+        if self._reorderer is not None:
+            extra = self._reorderer.extra_delay()
+            if extra:
+                st.reordered += 1
+                arrival += extra
+        heapq.heappush(self._in_flight, (arrival, self._sent, item, size))
+        self._sent += 1
         return True
 
     def next_arrival(self) -> float | None:
         return self._in_flight[0][0] if self._in_flight else None
 
     def deliver(self, now: float) -> list[T]:
-        """Items whose arrival time is at or before `now`, oldest first."""
+        """Items whose arrival time is at or before `now`, earliest arrival first."""
         out: list[T] = []
         q = self._in_flight
         while q and q[0][0] <= now:
-            _, item, size = q.popleft()
+            _, _, item, size = heapq.heappop(q)
             self.stats.packets_out += 1
             self.stats.bytes_out += size
             out.append(item)
@@ -96,6 +159,11 @@ class DuplexLink(Generic[T]):
         self.b_to_a: LinkDirection[T] = LinkDirection(
             b_to_a if b_to_a is not None else a_to_b, random.Random(seed * 2 + 2)
         )
+
+    def set_params(self, a_to_b: LinkParams, b_to_a: LinkParams | None = None) -> None:
+        """New parameters mid-run; `b_to_a` defaults to the same as `a_to_b`, as in the constructor."""
+        self.a_to_b.set_params(a_to_b)
+        self.b_to_a.set_params(b_to_a if b_to_a is not None else a_to_b)
 
     def next_arrival(self) -> float | None:
         times = [t for t in (self.a_to_b.next_arrival(), self.b_to_a.next_arrival()) if t is not None]
