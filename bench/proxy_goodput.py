@@ -43,7 +43,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -280,9 +280,11 @@ def probe_rtt(link: EmulatedLink, via: RowSetup, cell: Cell, count: int, seconds
 
 
 def run_iperf(link: EmulatedLink, via: RowSetup, cell: Cell, seconds: int,
-              during: Callable[[float], None] | None = None) -> dict[str, Any] | None:
-    """One iperf3 -C cubic flow B->A; fills goodput and CPU into `cell` and returns iperf3's report.
-    `during` runs while the client does, given the monotonic time the client was started at."""
+              during: Callable[[float], None] | None = None,
+              extra: Sequence[str] = ()) -> dict[str, Any] | None:
+    """One iperf3 -C cubic flow B->A (client options `extra` added); fills goodput and CPU into
+    `cell` and returns iperf3's report. `during` runs while the client does, given the monotonic
+    time the client was started at."""
     srv = link.a.popen(["iperf3", "-s", "-1", "-B", via.bind_ip, "-p", str(IPERF_PORT)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client: subprocess.Popen[str] | None = None
@@ -290,7 +292,7 @@ def run_iperf(link: EmulatedLink, via: RowSetup, cell: Cell, seconds: int,
         wait_tcp_listen(link.a, IPERF_PORT)
         cpu0 = {k: cpu_seconds(p.pid) for k, p in via.procs.items()}
         argv = ["iperf3", "-c", via.connect_ip, "-p", str(via.iperf_port), "-J", "-C", "cubic",
-                "-t", str(seconds)]
+                "-t", str(seconds), *extra]
         started = time.monotonic()
         client = link.b.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if during is not None:
