@@ -491,6 +491,12 @@ class EmulatedLink:
         self.counters = LinkCounters.parse((self._early_output + (out or b"")).decode())
         return self.counters
 
+    def next_phase(self) -> None:
+        """Switch the emulator to the next of `params.phases` (SIGUSR2); it says so on its stderr."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"link emulator exited (status {self.process.returncode})")
+        self.process.send_signal(signal.SIGUSR2)
+
 
 class Testbed:
     """Owns namespaces and processes for one test; `close()` (or leaving the `with`) removes them all."""
@@ -548,6 +554,7 @@ class Testbed:
         delay_ba: float | None = None,
         rate_ab: float | None = None,
         rate_ba: float | None = None,
+        params: LinkParams | None = None,
         subnet: IPv4Network | str = "198.18.0.0/24",
         mtu: int = 1500,
         ready_timeout: float = 10.0,
@@ -556,26 +563,34 @@ class Testbed:
 
         A and B get the first two host addresses of `subnet` on one L2 segment; M has no
         addresses and bridges frames between its two veth ends. "ab" is the direction A to B.
+        The link settings are either the keyword arguments or, for everything else the emulator
+        can do (burst loss, policer, reordering, phases), `params` as it is; not both.
         """
         net = IPv4Network(subnet)
         if not net.subnet_of(UNDERLAY):
             raise ValueError(f"subnet {net} is outside {UNDERLAY}")
+        if params is None:
+            params = LinkParams.both_ways(
+                delay_ms=delay_ms,
+                loss_pct=loss_pct,
+                rate_mbit=rate_mbit,
+                queue_ms=queue_ms,
+                queue_bytes=queue_bytes,
+                loss_ab=loss_ab,
+                loss_ba=loss_ba,
+                delay_ab=delay_ab,
+                delay_ba=delay_ba,
+                rate_ab=rate_ab,
+                rate_ba=rate_ba,
+            )
+        else:
+            shared = (rate_mbit, queue_ms, queue_bytes)
+            per_direction = (loss_ab, loss_ba, delay_ab, delay_ba, rate_ab, rate_ba)
+            if delay_ms or loss_pct or any(v is not None for v in (*shared, *per_direction)):
+                raise ValueError("linked_pair takes either params or the link keyword arguments, not both")
         hosts = net.hosts()
         addr_a = IPv4Interface(f"{next(hosts)}/{net.prefixlen}")
         addr_b = IPv4Interface(f"{next(hosts)}/{net.prefixlen}")
-        params = LinkParams.both_ways(
-            delay_ms=delay_ms,
-            loss_pct=loss_pct,
-            rate_mbit=rate_mbit,
-            queue_ms=queue_ms,
-            queue_bytes=queue_bytes,
-            loss_ab=loss_ab,
-            loss_ba=loss_ba,
-            delay_ab=delay_ab,
-            delay_ba=delay_ba,
-            rate_ab=rate_ab,
-            rate_ba=rate_ba,
-        )
         tag = str(self._links) if self._links else ""
         self._links += 1
         a = self.netns(f"{tag}a")
