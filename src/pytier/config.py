@@ -1,9 +1,11 @@
-"""pytier-core's settings: command-line flags and a TOML file, merged into one `Config`.
+"""pytier-core's settings: command-line flags, PYTIER_* variables and TOML files, merged into one `Config`.
 
 Flag names follow EasyTier's, so that its documentation reads true for pytier. A TOML file given
-with `--config-file` carries the same settings under the long flag names (`network_name = "net"`,
-`listeners = ["udp://0.0.0.0:11010"]`, `enable_kcp_proxy = true`); flags given on the command line
-override the file. Every error is one line that names the flag or key at fault.
+with `--config-file` carries the settings either under the long flag names (`network_name = "net"`,
+`enable_kcp_proxy = true`) or in EasyTier 2.6's own sectioned layout (`[network_identity]`, `[[peer]]`,
+`[flags]`, ...), so that an EasyTier node's file works unchanged. Flags override PYTIER_* variables,
+which override the files, later files overriding earlier ones. Every error is one line that names the
+flag, variable or key (with its line) at fault; a key pytier knows but does not implement is a warning.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import argparse
 import difflib
 import ipaddress
 import math
+import os
 import re
 import socket
 import sys
 import tomllib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from ipaddress import IPv4Interface, IPv4Network
@@ -287,6 +290,9 @@ class Config:
     encryption_algorithm: str = "aes-gcm"
     disable_encryption: bool = False
     proxy_networks: list[IPv4Network] = field(default_factory=list)
+    # [[proxy_network]] cidr -> mapped_cidr pairs from a config file, kept apart from proxy_networks:
+    # pytier does not map addresses yet, so these subnets are not exported.
+    proxy_network_maps: list[tuple[IPv4Network, IPv4Network]] = field(default_factory=list)
     enable_kcp_proxy: bool = False
     disable_kcp_input: bool = False
     enable_quic_proxy: bool = False
@@ -294,7 +300,7 @@ class Config:
     use_smoltcp: bool = False
     no_tun: bool = False
     peer_timeout_s: float = 30.0
-    config_file: Path | None = None
+    config_file: Path | None = None  # the last --config-file, whose values win
 
 
 Kind = Literal["value", "list", "flag"]
@@ -391,10 +397,6 @@ _BY_KEY: dict[str, _Setting] = {s.key: s for s in _SETTINGS}
 _BY_ATTR_FLAG = {s.attr: s.flags[0] for s in _SETTINGS if s.kind != "flag"}
 _KEY_OF_ATTR = {s.attr: s.key for s in _SETTINGS if s.kind != "flag"}
 
-# EasyTier's own config layout; named in the error so that its users know what to change.
-_EASYTIER_SECTIONS = frozenset({"network_identity", "flags", "peer", "proxy_network", "console_logger",
-                                "file_logger", "instance_id", "dhcp"})
-
 
 # ---------------------------------------------------------------------------------------------
 # Command line
@@ -455,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a pytier node: join a virtual network by name and secret, carry IP packets between\n"
         "nodes over UDP or TCP tunnels, and optionally carry TCP connections over KCP or QUIC.",
         epilog="Boolean flags also take a value (--no-tun false). List flags are repeatable and take\n"
-        "comma-separated values. Flags given here override the --config-file. Example:\n"
+        "comma-separated values. Flags given here override PYTIER_<FLAG> variables (PYTIER_NETWORK_NAME),\n"
+        "which override the --config-file(s). Example:\n"
         f"  sudo {PROG} --network-name net --network-secret s -i 10.144.144.1/24 \\\n"
         "      -p udp://198.18.0.2:11010 --enable-kcp-proxy",
         formatter_class=HelpFormatter,
@@ -465,7 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {version()}",
                         help="print the version and exit")
     parser.add_argument("--config-file", "-c", dest="config_file", metavar="FILE", type=Path,
-                        help="read settings from a TOML file (keys are the long flag names)")
+                        action="extend", nargs="+",
+                        help="read settings from TOML files (flat or EasyTier's layout), in order")
+    parser.add_argument("--check-config", dest="check_config", action="store_true",
+                        help="print the effective settings and exit (status 2 on an error)")
     for title, settings in _GROUPS:
         group = parser.add_argument_group(title)
         for s in settings:
@@ -503,56 +509,451 @@ def _dedup(items: Iterable[Any]) -> list[Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# TOML file
+# TOML files: pytier's flat keys and EasyTier's sectioned layout, read by one reader
 
 
-def _file_values(path: Path) -> dict[str, Any]:
+class _UnsetVariable(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+# EasyTier expands shell-style references in its config files: ${NAME}, ${NAME:-default}, $NAME, and
+# $$ for a literal $. pytier reads the same files, so it expands the same forms.
+_VAR_RE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def _expand(text: str, environ: Mapping[str, str]) -> str:
+    def substitute(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1) or m.group(3)
+        value = environ.get(name)
+        if m.group(2) is not None and not value:  # as in the shell, ":-" also replaces an empty value
+            return m.group(2)
+        if value is None:
+            raise _UnsetVariable(name)
+        return value
+
+    return _VAR_RE.sub(substitute, text)
+
+
+def _expand_all(raw: Any, environ: Mapping[str, str]) -> Any:
+    if isinstance(raw, str):
+        return _expand(raw, environ)
+    if isinstance(raw, list):
+        return [_expand_all(x, environ) for x in raw]
+    if isinstance(raw, dict):
+        return {k: _expand_all(v, environ) for k, v in raw.items()}
+    return raw
+
+
+_HEADER_RE = re.compile(r"""^\s*\[{1,2}\s*["']?([^\[\]"']+?)["']?\s*\]{1,2}""")
+
+
+class _Source:
+    """One config file's lines, to name the line of a key in messages (tomllib gives no positions)."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def where(self, line: int | None) -> str:
+        return f"config file {self.path}" + (f" line {line}" if line else "")
+
+    def line_of(self, key: str | None, table: str | None = None, nth: int = 0) -> int | None:
+        """The line of `key` in the `nth` [table] or [[table]] (top level: table None), or of that
+        table's header when `key` is None or not found there."""
+        key_re = re.compile(rf"""^\s*["']?{re.escape(key)}["']?\s*=""") if key else None
+        current: str | None = None
+        seen = -1
+        header: int | None = None
+        for number, line in enumerate(self.lines, 1):
+            m = _HEADER_RE.match(line)
+            if m:
+                current = m.group(1).strip()
+                if current == table:
+                    seen += 1
+                    if seen == nth:
+                        header = number
+            elif (key_re is not None and current == table and (table is None or seen == nth)
+                  and key_re.match(line)):
+                return number
+        if key_re is not None and header is None:
+            # Inline tables and dotted keys (flags.mtu = 1400): the first line that names the key.
+            loose = re.compile(rf"""(^|[\s{{,.])["']?{re.escape(key or '')}["']?\s*=""")
+            for number, line in enumerate(self.lines, 1):
+                if loose.search(line):
+                    return number
+        return header
+
+    def line_with(self, snippet: str) -> int | None:
+        return next((n for n, line in enumerate(self.lines, 1) if snippet in line), None)
+
+
+_Type = Literal["str", "bool", "int", "strs", "table", "tables"]
+_TYPE_NAMES = {"str": "a string", "bool": "true or false", "int": "a number", "strs": "an array of strings",
+               "table": "a table", "tables": "an array of tables"}
+
+
+def _check_type(kind: _Type, raw: Any) -> None:
+    ok = {
+        "str": isinstance(raw, str),
+        "bool": isinstance(raw, bool),
+        "int": isinstance(raw, int) and not isinstance(raw, bool),
+        "strs": isinstance(raw, list) and all(isinstance(x, str) for x in raw),
+        "table": isinstance(raw, dict),
+        "tables": isinstance(raw, list) and all(isinstance(x, dict) for x in raw),
+    }[kind]
+    if not ok:
+        raise ValueError(f"expected {_TYPE_NAMES[kind]}, got {_toml_type(raw)}")
+
+
+def _same(raw: Any) -> Any:
+    return raw
+
+
+@dataclass(frozen=True)
+class _Known:
+    """A key of EasyTier's layout: what pytier does with it."""
+
+    type: _Type
+    attr: str | None = None  # the Config attribute it sets; None: pytier does not implement it
+    convert: Callable[[Any], Any] = _same
+    # Values under which pytier already does what the key asks (the first one is what pytier does), so
+    # that no warning is due.
+    quiet: tuple[Any, ...] = ()
+    absent: tuple[Any, ...] = ()  # EasyTier's "use the default" values: as if the key were not there
+    unused_by_easytier: bool = False  # EasyTier 2.6 reads and ignores it too
+
+
+def _text(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
+    return lambda raw: parse(str(raw))
+
+
+_FLAGS: dict[str, _Known] = {
+    "default_protocol": _Known("str", quiet=("tcp",)),
+    "dev_name": _Known("str", "dev_name", parse_dev_name, absent=("",)),
+    "enable_encryption": _Known("bool", "disable_encryption", lambda on: not on),
+    "enable_ipv6": _Known("bool", quiet=(True,)),
+    "mtu": _Known("int", "mtu", _text(parse_mtu)),
+    "latency_first": _Known("bool", quiet=(False,)),
+    "enable_exit_node": _Known("bool", quiet=(False,)),
+    "no_tun": _Known("bool", "no_tun"),
+    "use_smoltcp": _Known("bool", "use_smoltcp"),
+    "relay_network_whitelist": _Known("str", quiet=("",)),
+    "disable_p2p": _Known("bool", quiet=(True,)),
+    "relay_all_peer_rpc": _Known("bool", quiet=(False,)),
+    "disable_udp_hole_punching": _Known("bool", quiet=(True,)),
+    "multi_thread": _Known("bool", quiet=(True,)),
+    "data_compress_algo": _Known("int", quiet=(1, 0)),  # CompressionAlgoPb: 1 None (0 unset), 2 Zstd
+    "bind_device": _Known("bool", quiet=(False,)),
+    "enable_kcp_proxy": _Known("bool", "enable_kcp_proxy"),
+    "disable_kcp_input": _Known("bool", "disable_kcp_input"),
+    "disable_relay_kcp": _Known("bool", quiet=(False,)),
+    "proxy_forward_by_system": _Known("bool", quiet=(False,)),
+    "accept_dns": _Known("bool", quiet=(False,)),
+    "private_mode": _Known("bool", quiet=(False,)),
+    "enable_quic_proxy": _Known("bool", "enable_quic_proxy"),
+    "disable_quic_input": _Known("bool", "disable_quic_input"),
+    "foreign_relay_bps_limit": _Known("int", quiet=(2**64 - 1,)),
+    "multi_thread_count": _Known("int", quiet=(2,)),
+    "enable_relay_foreign_network_kcp": _Known("bool", quiet=(False,)),
+    "encryption_algorithm": _Known("str", "encryption_algorithm", _choice(ENCRYPTION_ALGORITHMS),
+                                   absent=("",)),
+    "disable_sym_hole_punching": _Known("bool", quiet=(True,)),
+    "tld_dns_zone": _Known("str", quiet=("", "et.net.")),
+    "p2p_only": _Known("bool", quiet=(False,)),
+    "quic_listen_port": _Known("int", unused_by_easytier=True),
+    "disable_tcp_hole_punching": _Known("bool", quiet=(True,)),
+    "disable_relay_quic": _Known("bool", quiet=(False,)),
+    "enable_relay_foreign_network_quic": _Known("bool", quiet=(False,)),
+    "lazy_p2p": _Known("bool", quiet=(False,)),
+    "need_p2p": _Known("bool", quiet=(False,)),
+    "instance_recv_bps_limit": _Known("int", quiet=(0, 2**64 - 1)),
+    "disable_upnp": _Known("bool", quiet=(True,)),
+    "disable_relay_data": _Known("bool", quiet=(False,)),
+    "enable_udp_broadcast_relay": _Known("bool", quiet=(False,)),
+}
+
+# Top-level keys of EasyTier's layout that are not also pytier flags (hostname, instance_name, ipv4,
+# listeners and rpc_portal are both, and mean the same in either layout).
+_TOP: dict[str, _Known] = {
+    "netns": _Known("str"),
+    "instance_id": _Known("str"),
+    "ipv6": _Known("str"),
+    "ipv6_public_addr_provider": _Known("bool", quiet=(False,)),
+    "ipv6_public_addr_auto": _Known("bool", quiet=(False,)),
+    "ipv6_public_addr_prefix": _Known("str"),
+    "dhcp": _Known("bool", quiet=(False,)),
+    "mapped_listeners": _Known("strs"),
+    "exit_nodes": _Known("strs"),
+    "rpc_portal_whitelist": _Known("strs"),
+    "vpn_portal_config": _Known("table"),
+    "routes": _Known("strs"),
+    "socks5_proxy": _Known("str"),
+    "port_forward": _Known("tables"),
+    "secure_mode": _Known("table", quiet=({"enabled": False},)),
+    "acl": _Known("table"),
+    "tcp_whitelist": _Known("strs"),
+    "udp_whitelist": _Known("strs"),
+    "stun_servers": _Known("strs"),
+    "stun_servers_v6": _Known("strs"),
+    "tcp_stun_servers": _Known("strs"),
+    "credential_file": _Known("str"),
+}
+
+_NETWORK_IDENTITY: dict[str, _Known] = {
+    "network_name": _Known("str", "network_name", _nonempty("network name")),
+    "network_secret": _Known("str", "network_secret"),
+}
+_CONSOLE_LOGGER: dict[str, _Known] = {
+    "level": _Known("str", "console_log_level", _choice(LOG_LEVELS, {"warning": "warn"})),
+}
+_FILE_LOGGER: dict[str, _Known] = {"level": _Known("str"), "file": _Known("str"), "dir": _Known("str")}
+_TABLES: dict[str, dict[str, _Known]] = {
+    "network_identity": _NETWORK_IDENTITY, "flags": _FLAGS, "console_logger": _CONSOLE_LOGGER,
+    "file_logger": _FILE_LOGGER,
+}
+_PEER_KEYS = ("uri",)
+_PROXY_NETWORK_KEYS = ("cidr", "mapped_cidr", "allow")
+# EasyTier tunnel schemes pytier does not speak: a listener or [[peer]] with one is skipped with a warning,
+# so that EasyTier's usual listener lists (tcp, udp, wg, ws, wss, quic on neighbouring ports) still load.
+_EASYTIER_SCHEMES = ("wg", "ws", "wss", "quic", "faketcp", "txt", "srv", "http", "https", "ring", "unix")
+# Settings that several files, and both layouts within a file, add to instead of replacing.
+_ACCUMULATE = frozenset({"peers", "proxy_networks", "proxy_network_maps"})
+
+
+def _toml_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_literal(x) for x in value) + "]"
+    return _toml_literal(str(value))
+
+
+@dataclass
+class _FileSettings:
+    source: _Source
+    values: dict[str, Any] = field(default_factory=dict)  # Config attribute -> value
+    names: dict[str, str] = field(default_factory=dict)  # Config attribute -> the key that set it
+    warnings: list[str] = field(default_factory=list)
+
+    def put(self, attr: str, value: Any, name: str, line: int | None) -> None:
+        if attr in self.values:
+            if attr not in _ACCUMULATE:
+                raise ConfigError(f"{self.source.where(line)}: {name} is set twice "
+                                  f"(also as {self.names[attr]})")
+            value = _dedup([*self.values[attr], *value])
+        self.values[attr] = value
+        self.names[attr] = name
+
+    def not_implemented(self, name: str, line: int | None, detail: str) -> None:
+        self.warnings.append(f"{self.source.where(line)}: pytier does not implement {name}{detail}")
+
+
+def _unknown_key(src: _Source, line: int | None, label: str, key: str, known: Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.replace("-", "_"), list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f" (see {PROG} --help for the settings)"
+    return ConfigError(f"{src.where(line)}: unknown key {label}{key!r}{hint}")
+
+
+def _known_value(out: _FileSettings, name: str, spec: _Known, raw: Any, line: int | None) -> None:
+    where = out.source.where(line)
+    try:
+        _check_type(spec.type, raw)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {name}: {e}") from None
+    if raw in spec.absent or spec.unused_by_easytier:
+        return
+    if spec.attr is None:
+        if raw in spec.quiet or raw in ("", [], {}):  # an empty value asks for nothing
+            return
+        key = name.rsplit(" ", 1)[-1]
+        shown = f" = {_toml_literal(raw)}" if spec.type in ("str", "bool", "int") else ""
+        behaves = f"; pytier behaves as {key} = {_toml_literal(spec.quiet[0])}" if spec.quiet else "; ignored"
+        out.not_implemented(name, line, shown + behaves)
+        return
+    try:
+        value = spec.convert(raw)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {name}: {e}") from None
+    out.put(spec.attr, value, name, line)
+
+
+def _read_table(out: _FileSettings, section: str, raw: Any, keys: dict[str, _Known]) -> None:
+    src = out.source
+    try:
+        _check_type("table", raw)
+    except ValueError as e:
+        raise ConfigError(f"{src.where(src.line_of(section))}: {section}: {e}") from None
+    for key, value in raw.items():
+        line = src.line_of(key, section)
+        spec = keys.get(key)
+        if spec is None:
+            raise _unknown_key(src, line, f"[{section}] ", key, keys)
+        _known_value(out, f"[{section}] {key}", spec, value, line)
+
+
+def _tables(out: _FileSettings, section: str, raw: Any,
+            keys: Sequence[str]) -> Iterator[tuple[dict[str, Any], int | None]]:
+    """Each [[section]] table with its header line, after checking that it holds only `keys`."""
+    src = out.source
+    try:
+        _check_type("tables", raw)
+    except ValueError as e:
+        raise ConfigError(f"{src.where(src.line_of(section))}: {section}: {e}") from None
+    for nth, table in enumerate(raw):
+        for key in table:
+            if key not in keys:
+                raise _unknown_key(src, src.line_of(key, section, nth), f"[[{section}]] ", key, keys)
+        yield table, src.line_of(None, section, nth)
+
+
+def _table_string(out: _FileSettings, section: str, table: dict[str, Any], key: str, header: int | None,
+                  nth: int) -> str:
+    line = out.source.line_of(key, section, nth) or header
+    if key not in table:
+        raise ConfigError(f"{out.source.where(header)}: [[{section}]] has no {key}")
+    try:
+        _check_type("str", table[key])
+    except ValueError as e:
+        raise ConfigError(f"{out.source.where(line)}: [[{section}]] {key}: {e}") from None
+    return cast(str, table[key])
+
+
+def _foreign_scheme(text: str) -> bool:
+    return text.strip().partition("://")[0].lower() in _EASYTIER_SCHEMES and "://" in text
+
+
+def _skip_foreign(out: _FileSettings, name: str, url: str, line: int | None) -> None:
+    scheme = url.strip().partition("://")[0].lower()
+    out.not_implemented(f"{scheme}:// tunnels", line,
+                        f" (it speaks udp:// and tcp://); skipping {name} {url.strip()!r}")
+
+
+def _read_peers(out: _FileSettings, raw: Any) -> None:
+    for nth, (table, header) in enumerate(_tables(out, "peer", raw, _PEER_KEYS)):
+        uri = _table_string(out, "peer", table, "uri", header, nth)
+        line = out.source.line_of("uri", "peer", nth) or header
+        if _foreign_scheme(uri):
+            _skip_foreign(out, "[[peer]] uri", uri, line)
+            continue
+        try:
+            peers = parse_peer(uri)
+        except ValueError as e:
+            raise ConfigError(f"{out.source.where(line)}: [[peer]] uri: {e}") from None
+        out.put("peers", peers, "[[peer]] uri", line)
+
+
+def _read_proxy_networks(out: _FileSettings, raw: Any) -> None:
+    src = out.source
+    for nth, (table, header) in enumerate(_tables(out, "proxy_network", raw, _PROXY_NETWORK_KEYS)):
+        cidr = _table_string(out, "proxy_network", table, "cidr", header, nth)
+        line = src.line_of("cidr", "proxy_network", nth) or header
+        try:
+            [net] = parse_proxy_network(cidr)
+        except ValueError as e:
+            raise ConfigError(f"{src.where(line)}: [[proxy_network]] cidr: {e}") from None
+        if "allow" in table:
+            allow_line = src.line_of("allow", "proxy_network", nth) or header
+            _known_value(out, "[[proxy_network]] allow", _Known("strs"), table["allow"], allow_line)
+        if "mapped_cidr" not in table:
+            out.put("proxy_networks", [net], "[[proxy_network]] cidr", line)
+            continue
+        mapped_text = _table_string(out, "proxy_network", table, "mapped_cidr", header, nth)
+        mapped_line = src.line_of("mapped_cidr", "proxy_network", nth) or header
+        try:
+            [mapped] = parse_proxy_network(mapped_text)
+        except ValueError as e:
+            raise ConfigError(f"{src.where(mapped_line)}: [[proxy_network]] mapped_cidr: {e}") from None
+        if mapped.prefixlen != net.prefixlen:
+            raise ConfigError(f"{src.where(mapped_line)}: [[proxy_network]] mapped_cidr {mapped} must have "
+                              f"the prefix length of cidr {net} (/{net.prefixlen})")
+        out.put("proxy_network_maps", [(net, mapped)], "[[proxy_network]] mapped_cidr", mapped_line)
+        # Exporting the subnet under its real address instead could collide with the subnet another site
+        # maps for the same reason, so until pytier maps addresses the subnet is not exported at all.
+        out.not_implemented("[[proxy_network]] mapped_cidr", mapped_line,
+                            f"; {net} (mapped to {mapped}) is not exported")
+
+
+def _flat_listeners(out: _FileSettings, raw: Any, raw_key: str, line: int | None) -> Any:
+    if not isinstance(raw, list):
+        return raw
+    kept = []
+    for item in raw:
+        if isinstance(item, str) and _foreign_scheme(item):
+            _skip_foreign(out, raw_key, item, line)
+        else:
+            kept.append(item)
+    return kept
+
+
+def _read_file(path: Path, environ: Mapping[str, str]) -> _FileSettings:
     where = f"config file {path}"
     try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
+        text = path.read_bytes().decode()
+        data = tomllib.loads(text)
     except OSError as e:
         raise ConfigError(f"cannot read {where}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: invalid TOML: {e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{where}: not UTF-8 text") from None
+    src = _Source(path, text)
+    try:
+        data = _expand_all(data, environ)
+    except _UnsetVariable as e:
+        line = src.line_with("${" + e.name) or src.line_with("$" + e.name)
+        raise ConfigError(f"{src.where(line)}: environment variable {e.name} is not set "
+                          "(write $$ for a literal $)") from None
 
-    values: dict[str, Any] = {}
+    out = _FileSettings(src)
     seen: set[str] = set()
     for raw_key, raw in data.items():
         key = raw_key.replace("-", "_")
-        s = _BY_KEY.get(key)
-        if s is None:
-            raise ConfigError(f"{where}: {_unknown_key_message(raw_key)}")
-        if key in seen:
-            raise ConfigError(f"{where}: {key} is set twice (once with dashes, once with underscores)")
-        seen.add(key)
-        try:
-            value = _toml_value(s, raw)
-        except ValueError as e:
-            raise ConfigError(f"{where}: {raw_key}: {e}") from None
-        if s.kind == "flag":
-            if value:
-                if any(k.replace("-", "_") == _KEY_OF_ATTR[s.attr] for k in data):
-                    raise ConfigError(f"{where}: {raw_key} conflicts with {_KEY_OF_ATTR[s.attr]}")
-                values[s.attr] = []
+        line = src.line_of(raw_key)
+        if key in _TABLES:
+            _read_table(out, key, raw, _TABLES[key])
+        elif key == "peer":
+            _read_peers(out, raw)
+        elif key == "proxy_network":
+            _read_proxy_networks(out, raw)
+        elif key in _TOP:
+            _known_value(out, key, _TOP[key], raw, line)
+        elif key in _BY_KEY:
+            if key in seen:
+                raise ConfigError(f"{src.where(line)}: {key} is set twice "
+                                  "(once with dashes, once with underscores)")
+            seen.add(key)
+            _read_flat(out, raw_key, raw, line, data)
+        elif key == "config_file":
+            raise ConfigError(f"{src.where(line)}: {raw_key} cannot be set inside a config file")
         else:
-            values[s.attr] = value
-    return values
+            raise _unknown_key(src, line, "", raw_key, [*_BY_KEY, *_TABLES, "peer", "proxy_network", *_TOP])
+    return out
 
 
-def _unknown_key_message(raw_key: str) -> str:
-    key = raw_key.replace("-", "_")
-    if key in _EASYTIER_SECTIONS:
-        return (f"unknown key {raw_key!r}: pytier config files use flat keys named after the long flags "
-                f"(network_name = \"...\", peers = [\"udp://...\"], enable_kcp_proxy = true), "
-                "not EasyTier's layout")
-    if key == "config_file":
-        return f"{raw_key} cannot be set inside a config file"
-    close = difflib.get_close_matches(key, list(_BY_KEY), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else f" (see {PROG} --help for the settings)"
-    return f"unknown key {raw_key!r}{hint}"
+def _read_flat(out: _FileSettings, raw_key: str, raw: Any, line: int | None, data: dict[str, Any]) -> None:
+    """A key named after a long flag (pytier's own layout)."""
+    s = _BY_KEY[raw_key.replace("-", "_")]
+    where = out.source.where(line)
+    if s.key == "listeners":
+        raw = _flat_listeners(out, raw, raw_key, line)
+    try:
+        value = _toml_value(s, raw)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {raw_key}: {e}") from None
+    if s.kind != "flag":
+        out.put(s.attr, value, raw_key, line)
+    elif value:
+        if any(k.replace("-", "_") == _KEY_OF_ATTR[s.attr] for k in data):
+            raise ConfigError(f"{where}: {raw_key} conflicts with {_KEY_OF_ATTR[s.attr]}")
+        out.put(s.attr, [], raw_key, line)
 
 
 def _toml_scalar(raw: Any) -> str:
@@ -580,41 +981,136 @@ def _toml_value(s: _Setting, raw: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# Environment
+
+
+ENV_PREFIX = "PYTIER_"
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """PYTIER_<KEY> for every setting (PYTIER_NETWORK_NAME, PYTIER_PEERS="udp://a,udp://b"). An empty
+    variable counts as unset, as a unit file's `Environment=PYTIER_IPV4=` leaves it."""
+    values: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for s in _SETTINGS:
+        name = ENV_PREFIX + s.key.upper()
+        text = environ.get(name, "")
+        if not text:
+            continue
+        try:
+            if s.kind == "flag":
+                if not parse_bool(text):
+                    continue
+                if s.attr in values:
+                    raise ConfigError(f"environment variable {name} conflicts with {names[s.attr]}")
+                value: Any = []
+            elif s.kind == "list":
+                value = _dedup(_split_items(s.parse)(text))
+            else:
+                value = s.parse(text)
+        except ValueError as e:
+            raise ConfigError(f"environment variable {name}: {e}") from None
+        values[s.attr] = value
+        names[s.attr] = name
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry points
 
 
-def parse_config(argv: Sequence[str]) -> Config:
-    """Build a Config from command-line arguments (and the TOML file they name). Raises ConfigError.
+@dataclass
+class Invocation:
+    """What a pytier-core command line asks for: the settings, and whether only to check them."""
+
+    config: Config
+    check_only: bool = False
+    warnings: list[str] = field(default_factory=list)  # known keys pytier does not implement, one line each
+    sources: list[str] = field(default_factory=list)  # where the settings came from, in precedence order
+
+
+def parse_invocation(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Invocation:
+    """Settings from the command line, over PYTIER_* variables of `environ` (default: os.environ), over
+    the TOML files named with -c in order, over the defaults. Raises ConfigError.
 
     --help and --version print and raise SystemExit(0), as argparse does.
     """
+    env = os.environ if environ is None else environ
     ns = build_parser().parse_args(list(argv))
+    config_files: list[Path] = getattr(ns, "config_file", [])
     values: dict[str, Any] = {}
-    config_file: Path | None = getattr(ns, "config_file", None)
-    if config_file is not None:
-        values.update(_file_values(config_file))
-    values.update(_command_line_values(ns))
-    return Config(**values, config_file=config_file)
+    warnings: list[str] = []
+    for path in config_files:
+        settings = _read_file(path, env)
+        warnings += settings.warnings
+        for attr, value in settings.values.items():
+            if attr in _ACCUMULATE and attr in values:
+                value = _dedup([*values[attr], *value])
+            values[attr] = value
+    from_env = _env_values(env)
+    from_cli = _command_line_values(ns)
+    values.update(from_env)
+    values.update(from_cli)
+    sources = [f"command line ({len(from_cli)} settings)", f"environment ({len(from_env)} settings)",
+               *(f"config file {p}" for p in reversed(config_files)), "defaults"]
+    config = Config(**values, config_file=config_files[-1] if config_files else None)
+    return Invocation(config, getattr(ns, "check_config", False), warnings, sources)
 
 
-def load_config(argv: Sequence[str]) -> Config:
-    """parse_config for the command line: on error print one line to stderr and exit with status 2."""
+def parse_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
+    """parse_invocation's settings alone."""
+    return parse_invocation(argv, environ).config
+
+
+def load_invocation(argv: Sequence[str]) -> Invocation:
+    """parse_invocation for the command line: on error print one line to stderr and exit with status 2."""
     try:
-        return parse_config(argv)
+        return parse_invocation(argv)
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
+def effective_settings(invocation: Invocation) -> list[str]:
+    """The settings as `key = value` lines in pytier's flat file layout, the secret masked."""
+    c = invocation.config
+    lines = [f"# {PROG} settings; sources, strongest first: {', '.join(invocation.sources)}"]
+    for s in _SETTINGS:
+        if s.kind == "flag":
+            continue
+        value = getattr(c, s.attr)
+        if value is None:
+            lines.append(f"# {s.key} is not set")
+            continue
+        if s.attr == "network_secret" and value:
+            value = "***"
+        elif s.attr == "rpc_portal":
+            host, port = value
+            value = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        elif isinstance(value, list):
+            value = [str(x) for x in value]
+        elif not isinstance(value, (bool, int, float, str)):
+            value = str(value)
+        lines.append(f"{s.key} = {_toml_literal(value)}")
+    if c.proxy_network_maps:
+        maps = [f"{net}->{mapped}" for net, mapped in c.proxy_network_maps]
+        lines.append(f"# not exported, mapped_cidr is not implemented: {', '.join(maps)}")
+    return lines
+
+
 __all__ = [
     "DEFAULT_RPC_PORTAL",
     "DEFAULT_TUNNEL_PORT",
+    "ENV_PREFIX",
     "Config",
     "ConfigError",
     "HelpFormatter",
+    "Invocation",
     "TunnelUrl",
     "build_parser",
-    "load_config",
+    "effective_settings",
+    "load_invocation",
     "parse_config",
+    "parse_invocation",
     "version",
 ]

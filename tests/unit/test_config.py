@@ -162,7 +162,8 @@ def test_every_flag(argv: list[str], attr: str, expected: Any) -> None:
 
 
 def test_every_config_attribute_has_a_flag() -> None:
-    covered = {attr for _, attr, _ in EVERY_FLAG} | {"config_file"}
+    # proxy_network_maps comes only from EasyTier's [[proxy_network]] mapped_cidr (test_config_easytier.py).
+    covered = {attr for _, attr, _ in EVERY_FLAG} | {"config_file", "proxy_network_maps"}
     assert covered == set(vars(Config()))
 
 
@@ -302,8 +303,8 @@ ERRORS: list[tuple[list[str], str | None, str]] = [
     ([], "mtu = 10\n", "mtu: MTU 10 is out of range (576..9000)"),
     ([], "network_nmae = 'x'\n", "unknown key 'network_nmae' (did you mean 'network_name'?)"),
     ([], "colour = 'x'\n", "unknown key 'colour' (see pytier-core --help for the settings)"),
-    ([], "[network_identity]\nnetwork_name = 'x'\n", "unknown key 'network_identity': pytier config files "
-                                                     "use flat keys"),
+    ([], "network_name = 'a'\n[network_identity]\nnetwork_name = 'b'\n",
+     "line 3: [network_identity] network_name is set twice (also as network_name)"),
     ([], "config_file = 'x'\n", "config_file cannot be set inside a config file"),
     ([], "network_name = 'a'\nnetwork-name = 'b'\n", "network_name is set twice"),
     ([], "no_tun = 'yes'\n", "no_tun: expected true or false, got a string"),

@@ -1,4 +1,5 @@
-"""pytier-core: read the settings, set up logging, run the node until it ends or a signal stops it."""
+"""pytier-core: read the settings, set up logging, run the node until it ends or a signal stops it
+(or, with --check-config, print the settings and stop there)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TextIO
 
-from pytier.config import PROG, Config, load_config
+from pytier.config import PROG, Config, effective_settings, load_invocation
 from pytier.errors import UserError
 
 log = logging.getLogger("pytier.core")
@@ -103,10 +104,18 @@ def run(config: Config, node_main: NodeMain) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        config = load_config(sys.argv[1:] if argv is None else argv)
+        invocation = load_invocation(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:  # errors (already printed), --help, --version
         return e.code if isinstance(e.code, int) else 0
+    if invocation.check_only:
+        for warning in invocation.warnings:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        print("\n".join(effective_settings(invocation)))
+        return 0
+    config = invocation.config
     setup_logging(config.console_log_level)
+    for warning in invocation.warnings:
+        log.warning("%s", warning)
     from pytier.node import run_node  # the composition root imports every layer; only the daemon needs it
 
     return run(config, run_node)
