@@ -662,7 +662,7 @@ _FLAGS: dict[str, _Known] = {
     "encryption_algorithm": _Known("str", "encryption_algorithm", _choice(ENCRYPTION_ALGORITHMS),
                                    absent=("",)),
     "disable_sym_hole_punching": _Known("bool", quiet=(True,)),
-    "tld_dns_zone": _Known("str", quiet=("", "et.net.")),
+    "tld_dns_zone": _Known("str", quiet=("et.net.", "")),
     "p2p_only": _Known("bool", quiet=(False,)),
     "quic_listen_port": _Known("int", unused_by_easytier=True),
     "disable_tcp_hole_punching": _Known("bool", quiet=(True,)),
