@@ -6,12 +6,15 @@ import json
 import random
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 
 import pytest
 
-from pytier.testbed.linkem import DROP, DirParams, LinkCounters, LinkParams, Shaper
+from pytier.testbed.linkem import DROP, DirParams, LinkCounters, LinkParams, Phase, Shaper
 from pytier.testbed.netns import (
     EmulatedLink,
+    Netns,
     Testbed,
     iperf3,
     list_namespaces,
@@ -56,6 +59,112 @@ def tcp_transfer(link: EmulatedLink, size: int) -> tuple[str, str]:
     sent = link.a.run([sys.executable, "-c", SOURCE, str(link.ip_b), str(size)], timeout=60).stdout
     received, _ = sink.communicate(timeout=30)
     return sent.strip(), received.strip()
+
+
+# UDP datagrams that start with a 4-byte sequence number, sent at a fixed rate for a bounded time.
+UDP_SOURCE = """
+import json, socket, sys, time
+dst, port, first, count = sys.argv[1], *map(int, sys.argv[2:5])
+pps, size = float(sys.argv[5]), int(sys.argv[6])
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.connect((dst, port))
+pad = bytes(size - 4)
+start = time.monotonic()
+limit = start + 2 * count / pps + 5
+sent = 0
+while sent < count and time.monotonic() < limit:
+    due = min(count, int((time.monotonic() - start) * pps) + 1)
+    while sent < due:
+        sock.send((first + sent).to_bytes(4, "big") + pad)
+        sent += 1
+    time.sleep(0.0005)
+print(json.dumps({"sent": sent, "seconds": time.monotonic() - start}), flush=True)
+"""
+
+# Records the sequence numbers in arrival order until `idle` seconds pass without a datagram (after
+# the first one) or `deadline` seconds in all.
+UDP_SINK = """
+import json, socket, sys, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: no drops while this loop lags
+sock.bind((sys.argv[1], int(sys.argv[2])))
+idle, deadline = float(sys.argv[3]), time.monotonic() + float(sys.argv[4])
+seqs, nbytes, first, last = [], 0, None, None
+sock.settimeout(float(sys.argv[4]))
+print("listening", flush=True)
+while True:
+    try:
+        data = sock.recv(65535)
+    except TimeoutError:
+        break
+    last = time.monotonic()
+    first = last if first is None else first
+    seqs.append(int.from_bytes(data[:4], "big"))
+    nbytes += len(data)
+    if last >= deadline:
+        break
+    sock.settimeout(min(idle, deadline - last))
+print(json.dumps({"seqs": seqs, "bytes": nbytes, "span": 0.0 if first is None else last - first}), flush=True)
+"""
+
+UDP_PORT = 7002
+ETH_IP_UDP = 14 + 20 + 8  # header bytes of a frame around a UDP payload
+
+
+@dataclass
+class Arrivals:
+    """What a UDP_SINK saw of the datagrams 0 .. sent-1."""
+
+    seqs: list[int]
+    bytes: int
+    span_s: float  # first to last arrival
+    sent: int
+
+    @property
+    def missing_runs(self) -> list[int]:
+        got = set(self.seqs)
+        runs: list[int] = []
+        current = 0
+        for seq in range(self.sent):
+            if seq in got:
+                if current:
+                    runs.append(current)
+                current = 0
+            else:
+                current += 1
+        return [*runs, current] if current else runs
+
+    @property
+    def overtaken(self) -> int:
+        """Datagrams that arrived after one with a higher sequence number."""
+        late, highest = 0, -1
+        for seq in self.seqs:
+            late += seq < highest
+            highest = max(highest, seq)
+        return late
+
+
+def start_sink(
+    receiver: Netns, dst: str, *, idle: float = 1.0, deadline: float = 20.0
+) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-c", UDP_SINK, dst, str(UDP_PORT), str(idle), str(deadline)]
+    sink = receiver.popen(argv, stdout=subprocess.PIPE, text=True)
+    assert sink.stdout is not None
+    assert sink.stdout.readline().strip() == "listening"
+    return sink
+
+
+def send_udp(sender: Netns, dst: str, count: int, pps: float, size: int, *, first: int = 0) -> int:
+    """Send datagrams first .. first+count-1 at `pps`; return how many went out."""
+    argv = [sys.executable, "-c", UDP_SOURCE, dst, str(UDP_PORT), str(first), str(count), str(pps), str(size)]
+    sent: int = json.loads(sender.run(argv, timeout=2 * count / pps + 30).stdout)["sent"]
+    return sent
+
+
+def arrivals(sink: subprocess.Popen[str], sent: int) -> Arrivals:
+    out, _ = sink.communicate(timeout=30)
+    got = json.loads(out)
+    return Arrivals(got["seqs"], got["bytes"], got["span"], sent)
 
 
 def test_clean_link_carries_ping_and_tcp_bytes(testbed: Testbed) -> None:
@@ -122,6 +231,107 @@ def test_rate_cap_limits_tcp(testbed: Testbed) -> None:
     assert received["bits_per_second"] < 22e6
     counters = link.stop()
     assert counters.ab.max_frame <= MAX_FRAME
+
+
+def static_neighbours(link: EmulatedLink) -> None:
+    """Permanent neighbour entries at A and B, so that no ARP frame shares the streams' counters."""
+    for ns, ifname, peer_ns, peer_if, peer_ip in (
+        (link.a, link.if_a, link.b, link.if_b, link.ip_b),
+        (link.b, link.if_b, link.a, link.if_a, link.ip_a),
+    ):
+        mac = json.loads(peer_ns.run(["ip", "-j", "link", "show", "dev", peer_if]).stdout)[0]["address"]
+        ns.run(["ip", "neigh", "replace", str(peer_ip), "lladdr", mac, "dev", ifname, "nud", "permanent"])
+
+
+BURST_AVG = 0.10  # long-run share of frames lost in bursts
+BURST_EXIT_PCT = 25.0  # mean burst of 100 / 25 = 4 frames
+BURST_ENTER_PCT = BURST_AVG * BURST_EXIT_PCT / (1 - BURST_AVG)  # stationary P(bad) = BURST_AVG
+POLICE_MBIT = 20.0
+POLICE_BUCKET = 65536
+REORDER_PCT, REORDER_MS = 2.0, 10.0
+
+
+def test_burst_loss_policer_and_reordering_as_measured_by_the_receiver(testbed: Testbed) -> None:
+    params = LinkParams.both_ways(
+        delay_ms=5,
+        rate_mbit=100,
+        queue_ms=50,
+        burst=(BURST_ENTER_PCT, BURST_EXIT_PCT, 100.0),
+        police_mbit=POLICE_MBIT,
+        police_bucket_bytes=POLICE_BUCKET,
+        reorder_pct=REORDER_PCT,
+        reorder_ms=REORDER_MS,
+    )
+    link = testbed.linked_pair(params=params, seed=5)
+    static_neighbours(link)
+    # A to B: small datagrams at 15k/s (under 9 Mbit/s, so the policer passes all) for bursts and order.
+    sink = start_sink(link.b, str(link.ip_b))
+    stream = arrivals(sink, send_udp(link.a, str(link.ip_b), 60_000, 15_000, 32))
+    # B to A: full-size datagrams at twice the police rate for 3 s.
+    size = 1200
+    frame = size + ETH_IP_UDP
+    pps = 2 * POLICE_MBIT * 1e6 / 8 / frame
+    sink = start_sink(link.a, str(link.ip_a))
+    policed = arrivals(sink, send_udp(link.b, str(link.ip_a), int(3 * pps), pps, size))
+    counters = link.stop()
+    ab, ba = counters.ab, counters.ba
+    for d in (ab, ba):
+        assert d.socket_dropped == d.send_failed == d.queue_dropped == d.lost == 0, d
+
+    # What arrived is what the emulator counted ...
+    assert ab.received == stream.sent > 50_000 and ab.policed == 0
+    runs = stream.missing_runs
+    assert (sum(runs), len(runs)) == (ab.burst_lost, ab.loss_runs)
+    assert stream.overtaken == ab.reordered
+    # ... and both are what was configured, within about three standard errors of these sample sizes.
+    assert ab.burst_lost / stream.sent == pytest.approx(BURST_AVG, rel=0.08)
+    assert ab.mean_loss_run() == pytest.approx(100 / BURST_EXIT_PCT, rel=0.08)
+    assert sum(runs) / len(runs) == ab.mean_loss_run()
+    assert ab.reordered / (stream.sent - ab.burst_lost) == pytest.approx(REORDER_PCT / 100, rel=0.1)
+
+    received = len(policed.seqs) * frame
+    assert ba.received == policed.sent and ba.passed == len(policed.seqs) and ba.bytes == received
+    assert ba.policed > 0.3 * policed.sent  # about half was over the rate, less what burst loss took
+    assert received == pytest.approx(POLICE_MBIT * 1e6 / 8 * policed.span_s + POLICE_BUCKET, rel=0.03)
+
+
+def wait_for_stderr(capfd: pytest.CaptureFixture[str], text: str, timeout: float = 5.0) -> str:
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while text not in seen:
+        assert time.monotonic() < deadline, f"no {text!r} on stderr, only {seen!r}"
+        time.sleep(0.02)
+        seen += capfd.readouterr().err
+    return seen
+
+
+def test_sigusr2_steps_through_the_phases_under_traffic(
+    testbed: Testbed, capfd: pytest.CaptureFixture[str]
+) -> None:
+    params = LinkParams.both_ways(delay_ms=2, phases=[Phase(loss_pct=50), Phase(loss_pct=0)])
+    link = testbed.linked_pair(params=params, seed=3)
+    static_neighbours(link)
+    dst = str(link.ip_b)
+    batch = 1000
+    sink = start_sink(link.b, dst, idle=3.0)
+    sent = send_udp(link.a, dst, batch, 5000, 100)
+    for n in (1, 2):
+        link.next_phase()
+        said = wait_for_stderr(capfd, f"linkem phase {n}: ")
+        if n == 1:
+            assert "a->b: delay=2ms loss=50% rate=unlimited b->a: delay=2ms loss=50%" in said
+        sent += send_udp(link.a, dst, batch, 5000, 100, first=sent)
+    link.next_phase()  # past the last phase: nothing changes
+    sent += send_udp(link.a, dst, batch, 5000, 100, first=sent)
+    got = arrivals(sink, sent)
+    counters = link.stop()
+    assert link.process.returncode == 0 and sent == 4 * batch
+    assert 0.4 * batch <= counters.ab.lost <= 0.6 * batch
+    received = set(got.seqs)
+    lost_per_batch = [batch - len(received & set(range(k * batch, (k + 1) * batch))) for k in range(4)]
+    assert lost_per_batch == [0, counters.ab.lost, 0, 0]
+    assert counters.ab.received == sent  # the queue and counters carried over every switch
+    assert "linkem phase 3" not in capfd.readouterr().err
 
 
 def test_nft_input_loss_drops_only_on_ingress(testbed: Testbed) -> None:
