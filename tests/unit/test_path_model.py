@@ -6,8 +6,10 @@ import random
 
 import pytest
 
+from pytier.testbed import linkem
 from pytier.testbed.link_model import DuplexLink, LinkDirection, LinkParams
 from pytier.testbed.path_model import GilbertElliott, Policer, Reorderer
+from pytier.testbed.scenarios import SCENARIOS
 
 PACKETS = 200_000
 
@@ -200,3 +202,78 @@ def test_link_model_with_path_models_is_reproducible_from_the_seed() -> None:
         return link.a_to_b.deliver(100.0)
 
     assert run(1) == run(1) and run(1) != run(2)
+
+
+# --- the named scenarios, for the emulator and for the model ----------------------------------
+
+
+def same_path(d: linkem.DirParams, m: LinkParams) -> None:
+    assert m.delay_s == pytest.approx(d.delay_ms / 1000)
+    assert m.loss == pytest.approx(d.loss_pct / 100)
+    assert d.rate_mbit is not None and m.rate_bps == pytest.approx(d.rate_mbit * 1e6)
+    assert m.queue_s == pytest.approx(d.queue_limit_s())
+    assert (m.burst_enter, m.burst_exit, m.burst_loss) == pytest.approx(tuple(v / 100 for v in d.burst))
+    assert (m.police_bps is None) == (d.police_mbit is None)
+    if d.police_mbit is not None:
+        assert m.police_bps == pytest.approx(d.police_mbit * 1e6)
+        assert m.police_bucket_bytes == d.police_bucket_bytes
+    assert (m.reorder, m.reorder_delay_s) == pytest.approx((d.reorder_pct / 100, d.reorder_ms / 1000))
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_scenario_emulator_and_model_describe_the_same_path(name: str) -> None:
+    s = SCENARIOS[name]
+    assert s.name == name and s.title
+    assert linkem.LinkParams.from_argv(s.emulator.to_argv()) == s.emulator
+    assert len(s.emulator.phases) == len(s.model_phases) == len(s.phase_times_s)
+    for n in range(len(s.emulator.phases) + 1):
+        ab, ba = s.emulator.phase_params(n)
+        assert ab == ba  # every scenario is the same each way
+        model = s.model if n == 0 else s.model_phases[n - 1][1]
+        same_path(ab, model)
+        assert ab.rate_mbit == 100
+
+
+def test_scenarios_hold_the_benchmark_numbers() -> None:
+    assert set(SCENARIOS) == {
+        "policed",
+        "bursty",
+        "long",
+        "reorder",
+        "random-0",
+        "random-10",
+        "random-20",
+        "loss-change",
+    }
+    policed = SCENARIOS["policed"].emulator.ab
+    assert (policed.police_mbit, policed.police_bucket_bytes, policed.loss_pct) == (30, 65536, 0)
+    bursty = SCENARIOS["bursty"].model
+    bad = bursty.burst_enter / (bursty.burst_enter + bursty.burst_exit)
+    assert bad == pytest.approx(0.05) and 1 / bursty.burst_exit == pytest.approx(8)
+    assert bursty.burst_loss == 1.0 and bursty.loss == 0.0
+    long = SCENARIOS["long"].model
+    assert (long.delay_s, long.loss, long.queue_s) == pytest.approx((0.1, 0.05, 0.1))
+    reorder = SCENARIOS["reorder"].model
+    assert (reorder.reorder, reorder.reorder_delay_s, reorder.loss) == pytest.approx((0.02, 0.01, 0.01))
+    for p in (0, 10, 20):
+        m = SCENARIOS[f"random-{p}"].model
+        assert (m.delay_s, m.queue_s, m.loss) == pytest.approx((0.02, 0.05, p / 100))
+    change = SCENARIOS["loss-change"]
+    assert change.phase_times_s == (5.0, 15.0)
+    assert [change.model_at(t).loss for t in (0.0, 4.99, 5.0, 14.9, 15.0, 100.0)] == [0, 0, 0.1, 0.1, 0, 0]
+
+
+def test_loss_change_model_loses_only_in_its_middle_phase() -> None:
+    s = SCENARIOS["loss-change"]
+    link: DuplexLink[int] = DuplexLink(s.model, seed=1)
+    current = s.model
+    lost_at: list[float] = []
+    for i in range(20_000):
+        now = i * 0.001  # 1000 packets per virtual second for 20 s
+        if (params := s.model_at(now)) is not current:
+            current = params
+            link.set_params(params)
+        if not link.a_to_b.send(now, i, 1000):
+            lost_at.append(now)
+    assert min(lost_at) >= 5.0 and max(lost_at) < 15.0
+    assert len(lost_at) / 10_000 == pytest.approx(0.1, rel=0.1)
