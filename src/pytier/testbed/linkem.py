@@ -445,7 +445,9 @@ class Shaper:
     than the queue limit is dropped (drop-tail). The delivery time is that plus the delay. Apart from
     the frames held back for reordering (`held_back` says so for the frame just admitted; they all get
     the same extra delay) delivery times never decrease, so the caller can hold delayed frames in two
-    FIFOs, one for each kind. ARP frames meet only the rate limit and the delay.
+    FIFOs, one for each kind. A phase that shortens the delay breaks that for the frames admitted
+    across the switch; in a FIFO the newer ones then wait for the older ones rather than overtake
+    them. ARP frames meet only the rate limit and the delay.
     """
 
     __slots__ = (
@@ -751,7 +753,6 @@ def _arg_type(convert: Callable[[str], T]) -> Callable[[str], T]:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
-    parse.__name__ = convert.__name__
     return parse
 
 
