@@ -285,7 +285,8 @@ def run_iperf(link: EmulatedLink, via: RowSetup, cell: Cell, seconds: int,
     """One iperf3 -C cubic flow B->A (client options `extra` added); fills goodput and CPU into
     `cell` and returns iperf3's report. `during` runs while the client does, given the monotonic
     time the client was started at."""
-    srv = link.a.popen(["iperf3", "-s", "-1", "-B", via.bind_ip, "-p", str(IPERF_PORT)],
+    # -J on the server too: the client's --get-server-output then carries the receiver's intervals as JSON.
+    srv = link.a.popen(["iperf3", "-s", "-1", "-J", "-B", via.bind_ip, "-p", str(IPERF_PORT)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client: subprocess.Popen[str] | None = None
     try:
