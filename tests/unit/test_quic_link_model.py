@@ -22,7 +22,7 @@ from pytier.transport.quic_endpoint import IncomingStream, QuicEndpoint, StreamD
 from pytier.wire.peer_header import PacketType
 
 CLIENT, SERVER = 1, 2
-WRITE_AHEAD = 4 << 20
+WRITE_AHEAD = 512 << 10  # as the proxy: bytes written and not yet sent
 CHUNK = 64 * 1024
 
 
@@ -53,7 +53,7 @@ def run_model(loss: float, *, seconds: float = 10.0, seed: int = 1, delay_s: flo
         nonlocal sent
         while client.next_event() is not None:
             pass
-        while client.unacked(handle) < WRITE_AHEAD and (total is None or sent < total):
+        while client.unsent(handle) < WRITE_AHEAD and (total is None or sent < total):
             n = CHUNK if total is None else min(CHUNK, total - sent)
             chunk = pattern[:n]
             client.send(handle, chunk)

@@ -29,8 +29,10 @@ from pytier.transport.quic_endpoint import (
 from pytier.wire.messages import RoutePeerInfo
 from pytier.wire.peer_header import PacketType
 
-# Bytes written to a stream and not yet acknowledged before `drain()` waits.
-WRITE_BUFFER_HIGH = 4 << 20
+# Bytes written to a stream and not yet sent before `drain()` waits. What is in flight is bounded by
+# the congestion window and the peer's flow control, so it need not count here: counting it (it
+# includes everything above a hole) capped a long lossy path far below its rate.
+WRITE_BUFFER_HIGH = 512 << 10
 SendFn = Callable[[int, int, bytes], object]
 
 
@@ -65,7 +67,7 @@ class QuicStream:
         self._writable.set()
 
     def _check_writable(self) -> None:
-        if self._t.endpoint.unacked(self.handle) < WRITE_BUFFER_HIGH:
+        if self._t.endpoint.unsent(self.handle) < WRITE_BUFFER_HIGH:
             self._writable.set()
 
     # ---- ProxyStream --------------------------------------------------------------------------
@@ -91,7 +93,7 @@ class QuicStream:
         self._t.kick()
 
     async def drain(self) -> None:
-        while self._t.endpoint.unacked(self.handle) >= WRITE_BUFFER_HIGH:
+        while self._t.endpoint.unsent(self.handle) >= WRITE_BUFFER_HIGH:
             if self._closed_reason is not None:
                 raise ConnectionResetError(f"QUIC stream closed: {self._closed_reason}")
             self._writable.clear()

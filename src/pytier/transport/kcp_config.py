@@ -11,17 +11,20 @@ class KcpConfig:
     # congestion window, windows 1024/1024, mtu 1200, stream mode. None of these is visible on the
     # wire except through the segments' behaviour, so pytier tunes them (measured in the link model,
     # tests/unit/test_kcp_link_model.py):
-    # * windows 4096: at 10% loss a lost segment holds back ikcp's window for about two round trips
-    #   while it is repaired, and 1024 segments (about one bandwidth-delay product plus that) stall
-    #   the sender; pacing, not the window, keeps the bottleneck queue short. A peer that
-    #   advertises less (EasyTier: 1024) still limits what we send.
+    # * windows 16384: a lost segment holds back ikcp's window for about two round trips while it is
+    #   repaired (three when the resend is lost too), so the window must hold several
+    #   bandwidth-delay products: 1024 segments stalled a 20 ms path at 10% loss, 4096 a 200 ms one
+    #   at 5% (it stayed window-limited in start-up, ~45 instead of ~85 Mbit/s in the link model).
+    #   Pacing and the in-flight cap (kcp_pacer), not the window, keep the bottleneck queue short,
+    #   and ikcp allocates segments only as they are used. A peer that advertises less (EasyTier:
+    #   1024) still limits what we send.
     # * nodelay 2: the same 30 ms RTO floor as 1, but each timeout adds half the current RTO instead
     #   of half the segment's own, so a segment lost several times backs off linearly.
     # * fast_limit 5 (ikcp's default): the up to four extra fast retransmissions per loss cost
     #   bandwidth but fill holes before the window stalls; 1 to 3 measured lower at 10-20% loss.
     mtu: int = 1200
-    snd_wnd: int = 4096  # segments
-    rcv_wnd: int = 4096  # segments
+    snd_wnd: int = 16384  # segments
+    rcv_wnd: int = 16384  # segments
     interval_ms: int = 10  # 5 measured the same in the model; flushes follow ACKs anyway
     nodelay: int = 2
     fast_resend: int = 2

@@ -24,6 +24,16 @@ _ACK_BYTE = bytes([CMD_ACK])
 def pushes(body: bytes | memoryview, conv: int, start: int = 0) -> list[tuple[int, int]]:
     """(sn, ts) of the data segments of conversation `conv` that ikcp_input would process, reading
     from offset `start`."""
+    return segments(body, conv, CMD_PUSH, start)
+
+
+def acks(body: bytes | memoryview, conv: int) -> list[tuple[int, int]]:
+    """(sn, ts) of the ACK segments of conversation `conv` that ikcp_input would process."""
+    return segments(body, conv, CMD_ACK)
+
+
+def segments(body: bytes | memoryview, conv: int, kind: int, start: int = 0) -> list[tuple[int, int]]:
+    """(sn, ts) of the segments with command `kind` that ikcp_input would process."""
     size = len(body)
     off = start
     unpack = _READ.unpack_from
@@ -33,7 +43,7 @@ def pushes(body: bytes | memoryview, conv: int, start: int = 0) -> list[tuple[in
         off += HEADER_LEN
         if seg_conv != conv or length > size - off or not CMD_PUSH <= cmd <= CMD_WINS:
             break
-        if cmd == CMD_PUSH:
+        if cmd == kind:
             found.append((sn, ts))
         off += length
     return found
@@ -46,8 +56,8 @@ def count_pushes(body: bytes, conv: int) -> int:
     if size > HEADER_LEN and body[4] == CMD_PUSH and _READ.unpack_from(body, 0)[4] == size - HEADER_LEN:
         return 1
     cmds = body[4::HEADER_LEN]
-    acks = len(cmds) - len(cmds.lstrip(_ACK_BYTE))
-    return len(pushes(body, conv, acks * HEADER_LEN))
+    leading_acks = len(cmds) - len(cmds.lstrip(_ACK_BYTE))
+    return len(pushes(body, conv, leading_acks * HEADER_LEN))
 
 
 def ack_segment(conv: int, wnd: int, ts: int, sn: int, una: int) -> bytes:

@@ -26,6 +26,13 @@ Pitfalls of ikcp/siokcp handled here:
   lost as soon as two later ACKs arrive, though it arrived: under random loss most segments arrive
   above a hole, where una does not cover them. The ACKs of those ride again on our next packets
   (standard ACK segments, so any KCP peer takes them).
+* ikcp fast-resends a segment once `fastresend` (2) later segments were acknowledged: on a path that
+  reorders, every segment overtaken by more than two others is sent twice (or more: ikcp resends
+  again after every two further ACKs). The session remembers the timestamp of each segment's first
+  resend; an ACK that echoes an older one shows that the original arrived and the resends were
+  spurious (the Eifel test), and the threshold rises above the number of later segments
+  acknowledged by then. It never comes down: a path that reorders keeps doing so,
+  and a real loss still ends in a timeout resend.
 * ikcp is driven by `flush` only (after input, after writes, and at `next_timer_ms`), never by
   `ikcp_update`'s own 10 ms grid, so ACKs leave as soon as the owner sends its datagrams.
 """
@@ -38,7 +45,7 @@ from siokcp import KCPConnection
 
 from pytier.transport.kcp_config import KcpConfig
 from pytier.transport.kcp_pacer import FlowPacer, PathRate
-from pytier.transport.kcp_segments import HEADER_LEN, ack_segment, count_pushes, pushes
+from pytier.transport.kcp_segments import HEADER_LEN, ack_segment, acks, count_pushes, pushes
 
 IKCP_ASK_SEND = 1  # probe flag: send a window probe (WASK)
 IKCP_ASK_TELL = 2  # probe flag: tell the remote our window (WINS)
@@ -65,6 +72,9 @@ ZERO_WINDOW_PROBE_MAX_MS = 2000
 # reverse path; two leave 0.8% of the ACKs lost at 20% loss.
 ACK_REPEATS = 2
 MAX_ACK_REPEATS_PER_FLUSH = 256  # segments, 6 KB
+REORDER_EVIDENCE = 4  # a spurious resend raises the threshold if this many times as many later ACKs came
+MAX_FAST_RESEND = 512  # later ACKs before a fast resend, at most (see the Eifel test above)
+RESENDS_REMEMBERED = 4096  # segments whose first resend's timestamp is kept for the Eifel test
 
 
 class _LogSink:
@@ -99,6 +109,7 @@ class KcpSession:
         "_pacer",
         "_probe_at_ms",
         "_probe_backoff_ms",
+        "_resent",
         "_tell_deadline_ms",
         "_tell_next_ms",
         "_tell_rcv_nxt",
@@ -114,6 +125,7 @@ class KcpSession:
         "packets_out",
         "retransmits",
         "segments_in",
+        "spurious_resends",
     )
 
     def __init__(
@@ -180,6 +192,8 @@ class KcpSession:
         self.duplicates_in = 0  # of which ikcp already had (or could not take)
         self._ack_fresh: list[tuple[int, int]] = []  # (sn, ts) acknowledged by the next flush
         self._ack_repeats: list[tuple[int, int, int]] = []  # (sn, ts, repeats left)
+        self._resent: dict[int, int] = {}  # sn -> ikcp timestamp of its first resend
+        self.spurious_resends = 0  # resends of segments an earlier copy of which arrived
 
     # --- data in ------------------------------------------------------------------------------
 
@@ -197,6 +211,8 @@ class KcpSession:
         self.packets_in += 1
         self.bytes_in += len(body)
         rcv_nxt, nrcv_buf = kcp.rcv_nxt, kcp.nrcv_buf
+        if self._resent:
+            self._eifel(kcp, body)
         data = pushes(body, self.conv)
         ok = kcp.receive_data(body) >= 0
         if kcp.rcv_nxt != rcv_nxt or kcp.nrcv_buf != nrcv_buf:
@@ -213,6 +229,26 @@ class KcpSession:
                 span = (rcv_nxt + kcp.rcv_wnd - low) & MASK32
                 self._ack_fresh.extend((sn, ts) for sn, ts in data if (sn - low) & MASK32 < span)
         return bool(ok)
+
+    def _eifel(self, kcp: KCPConnection, body: bytes | memoryview) -> None:
+        found = acks(body, self.conv)
+        if not found:
+            return
+        resent = self._resent
+        highest = kcp.snd_una
+        for sn, _ in found:
+            if (sn - highest) & MASK32 < 0x80000000:
+                highest = sn
+        for sn, ts in found:
+            resent_ts = resent.pop(sn, None)
+            if resent_ts is None or (ts - resent_ts) & MASK32 < 0x80000000:
+                continue
+            self.spurious_resends += 1
+            # A lost ACK whose repeat came late looks the same, but only a few later segments were
+            # acknowledged by then; only reordering far beyond the threshold moves it.
+            later = (highest - sn) & MASK32
+            if later > REORDER_EVIDENCE * kcp.fastresend:
+                kcp.fastresend = min(later + later // 4 + 1, MAX_FAST_RESEND)
 
     def read(self) -> bytes:
         """Everything ikcp has in order, b'' when nothing."""
@@ -315,21 +351,34 @@ class KcpSession:
             kcp.cwnd = span + allowed
         kcp.flush()
         new_segments = (kcp.snd_nxt - snd_nxt) & MASK32
-        if pacer is not None:
-            pacer.on_flushed(new_segments)
         if kcp.rcv_wnd - kcp.nrcv_que < kcp.rcv_wnd // 4:
             self._window_was_low = True
         out = self._out
         if not out:
             return []
         conv = self.conv
-        self.retransmits += sum(count_pushes(body, conv) for body in out) - new_segments
+        resends = sum(count_pushes(body, conv) for body in out) - new_segments
+        if resends > 0:
+            self.retransmits += resends
+            self._note_resends(out, snd_nxt)
+        if pacer is not None:
+            pacer.on_flushed(new_segments)
         self._repeat_acks(kcp, out)
         bodies = out[:]
         out.clear()
         self.packets_out += len(bodies)
         self.bytes_out += sum(map(len, bodies))
         return bodies
+
+    def _note_resends(self, out: list[bytes], snd_nxt: int) -> None:
+        resent = self._resent
+        conv = self.conv
+        for body in out:
+            for sn, ts in pushes(body, conv):
+                if (sn - snd_nxt) & MASK32 >= 0x80000000 and sn not in resent:
+                    resent[sn] = ts
+        while len(resent) > RESENDS_REMEMBERED:
+            del resent[next(iter(resent))]
 
     def _clock(self, now_ms: int, next_flush: bool) -> int:
         """ikcp's time for `now_ms`: a flush gets a later tick than the flushes before it in the
@@ -434,6 +483,7 @@ class KcpSession:
             "retransmits": self.retransmits,
             "segments_in": self.segments_in,
             "duplicates_in": self.duplicates_in,
+            "spurious_resends": self.spurious_resends,
         }
         if kcp is not None:
             figures.update(
@@ -441,6 +491,7 @@ class KcpSession:
                 rttvar_ms=round(kcp.rx_rttval / TICKS_PER_MS, 1),
                 rto_ms=round(kcp.rx_rto / TICKS_PER_MS, 1),
                 timeout_retransmits=int(kcp.xmit),
+                fast_resend_threshold=int(kcp.fastresend),
                 segments_sent=int(kcp.snd_nxt),
                 in_flight=int(kcp.nsnd_buf),
                 queued=int(kcp.nsnd_que),

@@ -24,6 +24,10 @@ fails loudly if an upgrade moves any of them):
   fixed window, so a slow TCP writer on the far side slows the sender down.
 * Congestion control: BBR (pytier.transport.bbr) registered as "pytier-bbr" with aioquic's registry,
   and `BbrPacer` in place of `QuicPacketRecovery._pacer`, so datagrams leave at BBR's pacing rate.
+* Loss detection: `ReorderTolerantRecovery` replaces the class of `QuicConnection._loss` (aioquic's
+  `QuicPacketRecovery`) and its `_detect_loss`, so that the packet and time thresholds (RFC 9002
+  §6.1, there module constants) grow when a packet declared lost is acknowledged after all, as RFC
+  9002 allows: on a path that reorders, fixed thresholds resend every reordered packet.
 * The fixed bit: we never advertise grease_quic_bit, so a quinn peer keeps it set and aioquic's
   header parser (which requires it) accepts every packet.
 * Speed: `RangeSet.add` (ACK ranges, received packet numbers, stream reassembly) scans its ranges
@@ -53,7 +57,7 @@ from aioquic.quic.crypto import CryptoError, KeyUnavailableError
 from aioquic.quic.packet import QuicFrameType, QuicProtocolVersion, decode_packet_number
 from aioquic.quic.packet_builder import QuicPacketBuilder, QuicSentPacket
 from aioquic.quic.rangeset import RangeSet
-from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.recovery import K_PACKET_THRESHOLD, K_TIME_THRESHOLD, QuicPacketRecovery, QuicPacketSpace
 
 from pytier.transport import quic_null_crypto
 from pytier.transport.bbr import Bbr, SentState
@@ -335,6 +339,95 @@ class BbrPacer:
         self._tokens = max(self._tokens, 2.0 * size)
 
 
+# ---- loss detection -----------------------------------------------------------------------------
+
+# A packet declared lost is remembered this long (in smoothed RTTs) in case its ACK still arrives.
+SPURIOUS_MEMORY_RTTS = 4.0
+SPURIOUS_MEMORY_PACKETS = 4096  # per packet number space
+MAX_PACKET_THRESHOLD = 1024
+MAX_TIME_THRESHOLD = 2.0  # x RTT
+TIME_THRESHOLD_STEP = 0.25  # x RTT, added when a time-declared loss proves spurious
+
+
+class ReorderTolerantRecovery(QuicPacketRecovery):
+    """aioquic's loss recovery with thresholds that learn how far the path reorders.
+
+    A packet declared lost is remembered for a few round trips with how it was declared: by the
+    packet threshold (with how many later packets were acknowledged) or by the time threshold. If an
+    ACK then covers it, the loss was spurious: the packet threshold rises above the reordering seen,
+    or the time threshold takes another quarter RTT. Neither comes down again: a path that reorders
+    keeps doing so. Real losses are then found a little later, which costs far less than resending
+    every reordered packet (2% of them on a multipath link) and telling the congestion controller
+    that they were lost.
+    """
+
+    packet_threshold: int
+    time_threshold: float
+    spurious_losses: int
+    _declared: dict[int, dict[int, tuple[float, int]]]
+
+    @classmethod
+    def adopt(cls, recovery: QuicPacketRecovery) -> ReorderTolerantRecovery:
+        recovery.__class__ = cls
+        assert isinstance(recovery, ReorderTolerantRecovery)
+        recovery.packet_threshold = K_PACKET_THRESHOLD
+        recovery.time_threshold = K_TIME_THRESHOLD
+        recovery.spurious_losses = 0
+        recovery._declared = {}
+        return recovery
+
+    def on_ack_received(self, *, ack_rangeset: RangeSet, ack_delay: float, now: float,
+                        space: QuicPacketSpace) -> None:
+        declared = self._declared.get(id(space))
+        if declared:
+            self._check_spurious(ack_rangeset, declared, now)
+        super().on_ack_received(ack_rangeset=ack_rangeset, ack_delay=ack_delay, now=now, space=space)
+
+    def _check_spurious(self, acked: RangeSet, declared: dict[int, tuple[float, int]], now: float) -> None:
+        horizon = now - SPURIOUS_MEMORY_RTTS * max(self._rtt_smoothed, self._rtt_initial)
+        for pn in [pn for pn, (at, _) in declared.items() if at < horizon]:
+            del declared[pn]
+        for r in acked:
+            for pn in [pn for pn in declared if r.start <= pn < r.stop]:
+                _, distance = declared.pop(pn)
+                self.spurious_losses += 1
+                if distance > 0:
+                    self.packet_threshold = min(max(self.packet_threshold, distance + distance // 4 + 1),
+                                                MAX_PACKET_THRESHOLD)
+                else:
+                    self.time_threshold = min(self.time_threshold + TIME_THRESHOLD_STEP, MAX_TIME_THRESHOLD)
+
+    def _detect_loss(self, *, now: float, space: QuicPacketSpace) -> None:
+        # aioquic's own, with the instance's thresholds, and each declaration remembered.
+        loss_delay = self.time_threshold * (
+            max(self._rtt_latest, self._rtt_smoothed) if self._rtt_initialized else self._rtt_initial)
+        largest = space.largest_acked_packet
+        packet_threshold = largest - self.packet_threshold
+        time_threshold = now - loss_delay
+        lost_packets = []
+        space.loss_time = None
+        declared = self._declared.setdefault(id(space), {})
+        for packet_number, packet in space.sent_packets.items():
+            if packet_number > largest:
+                break
+            sent_time = packet.sent_time
+            if sent_time is None:  # never: aioquic stamps every packet it tracks
+                continue
+            if packet_number <= packet_threshold or sent_time <= time_threshold:
+                lost_packets.append(packet)
+                by_count = packet_number <= packet_threshold
+                declared[packet_number] = (now, largest - packet_number if by_count else 0)
+            else:
+                packet_loss_time = sent_time + loss_delay
+                if space.loss_time is None or space.loss_time > packet_loss_time:
+                    space.loss_time = packet_loss_time
+        while len(declared) > SPURIOUS_MEMORY_PACKETS:
+            del declared[next(iter(declared))]
+        self._on_packets_lost(now=now, packets=lost_packets,
+                              persistent_congestion=self._in_persistent_congestion(packets=lost_packets),
+                              space=space)
+
+
 # ---- the connection -----------------------------------------------------------------------------
 
 
@@ -374,6 +467,7 @@ class NullCryptoQuicConnection(QuicConnection):
         self.congestion: BbrCongestionControl = cc
         self._pacer = BbrPacer(cc.bbr, max_datagram_size=configuration.max_datagram_size)
         self._loss._pacer = self._pacer  # type: ignore[assignment]
+        self.recovery = ReorderTolerantRecovery.adopt(self._loss)
 
     # -- the parts of aioquic replaced ------------------------------------------------------------
 
@@ -499,6 +593,14 @@ class NullCryptoQuicConnection(QuicConnection):
             return 0
         sender = stream.sender
         return int(sender._buffer_stop - sender._buffer_start)
+
+    def unsent_bytes(self, stream_id: int) -> int:
+        """Bytes written to a stream that were never sent (retransmissions not counted)."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return int(sender._buffer_stop - sender.highest_offset)
 
     def stream_known(self, stream_id: int) -> bool:
         return stream_id in self._streams
