@@ -254,8 +254,13 @@ def test_stats() -> None:
     net.a.send(ha, bytes(100000))
     net.advance(0.5, step_s=0.01)
     stats = net.a.stats(ha)
-    assert set(stats) == {"rtt_ms", "retrans", "bbr_state", "bw_mbit"}
+    assert set(stats) == {"rtt_ms", "retrans", "segments_sent", "spurious", "bbr_state", "bw_mbit"}
     assert stats["bbr_state"] in ("startup", "drain", "probe_bw", "probe_rtt")
+    assert int(stats["segments_sent"]) >= 100000 // 1380  # type: ignore[call-overload]
+    net.a.abort(ha)
+    final = net.a.take_final_stats(ha)  # what the proxy table shows for the closed row
+    assert final is not None and final["segments_sent"] == stats["segments_sent"]
+    assert net.a.take_final_stats(ha) is None
 
 
 def test_late_data_of_an_aborted_stream_is_not_a_new_stream() -> None:

@@ -139,7 +139,8 @@ class KcpStream:
         if self._closed_reason is None:
             with contextlib.suppress(KeyError):
                 s = self._t.endpoint.stats(self.handle)
-        return {"rtt_ms": s.get("srtt_ms"), "retrans": s.get("retransmits")}
+        return {"rtt_ms": s.get("srtt_ms"), "retrans": s.get("retransmits"),
+                "segments_sent": s.get("segments_sent"), "spurious": s.get("spurious_resends")}
 
 
 class _KcpIncoming:

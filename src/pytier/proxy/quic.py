@@ -127,6 +127,9 @@ class QuicStream:
         try:
             return self._t.endpoint.stats(self.handle)
         except KeyError:
+            final = self._t.endpoint.take_final_stats(self.handle)
+            if final is not None:
+                self._final_stats = final
             return self._final_stats
 
 

@@ -125,6 +125,7 @@ class KcpSession:
         "packets_out",
         "retransmits",
         "segments_in",
+        "segments_sent",
         "spurious_resends",
     )
 
@@ -188,6 +189,7 @@ class KcpSession:
         self.packets_out = 0
         self.packets_in = 0
         self.retransmits = 0  # data segments sent again, fast and timeout resends alike
+        self.segments_sent = 0  # new data segments sent
         self.segments_in = 0  # data segments received, duplicates included
         self.duplicates_in = 0  # of which ikcp already had (or could not take)
         self._ack_fresh: list[tuple[int, int]] = []  # (sn, ts) acknowledged by the next flush
@@ -351,6 +353,7 @@ class KcpSession:
             kcp.cwnd = span + allowed
         kcp.flush()
         new_segments = (kcp.snd_nxt - snd_nxt) & MASK32
+        self.segments_sent += new_segments
         if kcp.rcv_wnd - kcp.nrcv_que < kcp.rcv_wnd // 4:
             self._window_was_low = True
         out = self._out
@@ -481,6 +484,7 @@ class KcpSession:
             "packets_out": self.packets_out,
             "packets_in": self.packets_in,
             "retransmits": self.retransmits,
+            "segments_sent": self.segments_sent,
             "segments_in": self.segments_in,
             "duplicates_in": self.duplicates_in,
             "spurious_resends": self.spurious_resends,
@@ -492,7 +496,6 @@ class KcpSession:
                 rto_ms=round(kcp.rx_rto / TICKS_PER_MS, 1),
                 timeout_retransmits=int(kcp.xmit),
                 fast_resend_threshold=int(kcp.fastresend),
-                segments_sent=int(kcp.snd_nxt),
                 in_flight=int(kcp.nsnd_buf),
                 queued=int(kcp.nsnd_que),
                 remote_window=int(kcp.rmt_wnd),

@@ -25,6 +25,7 @@ from pytier.transport.quic_aioquic import NullCryptoQuicConnection, make_configu
 from pytier.wire.peer_header import PacketType
 
 HEADER_LEN = struct.Struct(">H")
+FINAL_STATS_KEPT = 1024  # streams whose last figures wait for the proxy to collect them
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,8 @@ class QuicEndpoint:
         self._clients: dict[int, _Conn] = {}
         self._servers: dict[int, _Conn] = {}
         self._streams: dict[int, _Stream] = {}
+        # The connection's figures when a stream was forgotten, for the proxy table's closed rows.
+        self._final_stats: dict[int, dict[str, object]] = {}
         self._handles = itertools.count(1)
         self._events: deque[QuicEndpointEvent] = deque()
         # Connections closed locally whose CONNECTION_CLOSE has yet to go out.
@@ -285,6 +288,7 @@ class QuicEndpoint:
 
     def _forget(self, stream: _Stream) -> None:
         conn = stream.conn
+        self._keep_final_stats(stream)
         conn.streams.pop(stream.stream_id, None)
         conn.quic.forget_stream(stream.stream_id)
         if conn.quic.stream_known(stream.stream_id):
@@ -298,6 +302,16 @@ class QuicEndpoint:
             raise KeyError(handle)
         return self.conn_stats(stream.conn)
 
+    def take_final_stats(self, handle: int) -> dict[str, object] | None:
+        """The figures of a stream's connection when the stream was forgotten (once)."""
+        return self._final_stats.pop(handle, None)
+
+    def _keep_final_stats(self, stream: _Stream) -> None:
+        final = self._final_stats
+        final[stream.handle] = self.conn_stats(stream.conn)
+        while len(final) > FINAL_STATS_KEPT:
+            del final[next(iter(final))]
+
     @staticmethod
     def conn_stats(conn: _Conn) -> dict[str, object]:
         bbr = conn.quic.congestion.bbr
@@ -305,6 +319,8 @@ class QuicEndpoint:
         return {
             "rtt_ms": round(rtt * 1000, 1) if rtt is not None else None,
             "retrans": bbr.lost_packets,
+            "segments_sent": bbr.packets_sent,
+            "spurious": conn.quic.recovery.spurious_losses,
             "bbr_state": bbr.state.value,
             "bw_mbit": round(bbr.btlbw * 8 / 1e6, 1),
         }
@@ -476,6 +492,7 @@ class QuicEndpoint:
             if not conn.quic.closed:
                 self._closing.append(conn)
         for stream in list(conn.streams.values()):
+            self._keep_final_stats(stream)
             if self._streams.pop(stream.handle, None) is not None and (stream.outgoing or stream.announced):
                 self._events.append(StreamClosed(stream.handle, reason, stream.opened))
         conn.streams.clear()
