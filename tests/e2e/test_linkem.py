@@ -282,7 +282,9 @@ def test_burst_loss_policer_and_reordering_as_measured_by_the_receiver(testbed: 
     assert ab.received == stream.sent > 50_000 and ab.policed == 0
     runs = stream.missing_runs
     assert (sum(runs), len(runs)) == (ab.burst_lost, ab.loss_runs)
-    assert stream.overtaken == ab.reordered
+    # A held-back frame is overtaken only if a later one leaves within its extra delay: a sender
+    # paused that long by a busy machine leaves a few that nothing overtook.
+    assert ab.reordered - max(3, ab.reordered // 100) <= stream.overtaken <= ab.reordered
     # ... and both are what was configured, within about three standard errors of these sample sizes.
     assert ab.burst_lost / stream.sent == pytest.approx(BURST_AVG, rel=0.08)
     assert ab.mean_loss_run() == pytest.approx(100 / BURST_EXIT_PCT, rel=0.08)
