@@ -279,9 +279,12 @@ def test_burst_loss_policer_and_reordering_as_measured_by_the_receiver(testbed: 
         assert d.socket_dropped == d.send_failed == d.queue_dropped == d.lost == 0, d
 
     # What arrived is what the emulator counted ...
-    assert ab.received == stream.sent > 50_000 and ab.policed == 0
+    # The stream stays below the police rate, unless a busy machine stalled its sender, which then
+    # catches up in a burst the bucket cannot take: those few frames are missing too.
+    assert ab.received == stream.sent > 50_000 and ab.policed <= stream.sent // 200
     runs = stream.missing_runs
-    assert (sum(runs), len(runs)) == (ab.burst_lost, ab.loss_runs)
+    assert sum(runs) == ab.burst_lost + ab.policed
+    assert ab.loss_runs <= len(runs) <= ab.loss_runs + ab.policed
     # A held-back frame is overtaken only if a later one leaves within its extra delay: a sender
     # paused that long by a busy machine leaves a few that nothing overtook.
     assert ab.reordered - max(3, ab.reordered // 100) <= stream.overtaken <= ab.reordered
