@@ -349,6 +349,28 @@ MAX_TIME_THRESHOLD = 2.0  # x RTT
 TIME_THRESHOLD_STEP = 0.25  # x RTT, added when a time-declared loss proves spurious
 
 
+class _Declared:
+    """The packets of one packet number space declared lost lately, in declaration order, which is
+    packet number order (loss detection declares the oldest outstanding packets first)."""
+
+    __slots__ = ("at", "distance", "pns")
+
+    def __init__(self) -> None:
+        self.pns: list[int] = []
+        self.at: list[float] = []  # when each was declared
+        self.distance: list[int] = []  # later packets acknowledged by then; 0: by the time threshold
+
+    def add(self, pn: int, at: float, distance: int) -> None:
+        if self.pns and pn <= self.pns[-1]:
+            return  # declared again after a threshold change: the first declaration stands
+        self.pns.append(pn)
+        self.at.append(at)
+        self.distance.append(distance)
+
+    def forget(self, count: int) -> None:
+        del self.pns[:count], self.at[:count], self.distance[:count]
+
+
 class ReorderTolerantRecovery(QuicPacketRecovery):
     """aioquic's loss recovery with thresholds that learn how far the path reorders.
 
@@ -358,13 +380,14 @@ class ReorderTolerantRecovery(QuicPacketRecovery):
     or the time threshold takes another quarter RTT. Neither comes down again: a path that reorders
     keeps doing so. Real losses are then found a little later, which costs far less than resending
     every reordered packet (2% of them on a multipath link) and telling the congestion controller
-    that they were lost.
+    that they were lost. The check runs on every ACK, so it costs a binary search per ACK range, as
+    aioquic's own walk over the sent packets does.
     """
 
     packet_threshold: int
     time_threshold: float
     spurious_losses: int
-    _declared: dict[int, dict[int, tuple[float, int]]]
+    _declared: dict[int, _Declared]
 
     @classmethod
     def adopt(cls, recovery: QuicPacketRecovery) -> ReorderTolerantRecovery:
@@ -379,17 +402,23 @@ class ReorderTolerantRecovery(QuicPacketRecovery):
     def on_ack_received(self, *, ack_rangeset: RangeSet, ack_delay: float, now: float,
                         space: QuicPacketSpace) -> None:
         declared = self._declared.get(id(space))
-        if declared:
+        if declared is not None and declared.pns:
             self._check_spurious(ack_rangeset, declared, now)
         super().on_ack_received(ack_rangeset=ack_rangeset, ack_delay=ack_delay, now=now, space=space)
 
-    def _check_spurious(self, acked: RangeSet, declared: dict[int, tuple[float, int]], now: float) -> None:
+    def _check_spurious(self, acked: RangeSet, declared: _Declared, now: float) -> None:
         horizon = now - SPURIOUS_MEMORY_RTTS * max(self._rtt_smoothed, self._rtt_initial)
-        for pn in [pn for pn, (at, _) in declared.items() if at < horizon]:
-            del declared[pn]
+        old = bisect_left(declared.at, horizon)
+        if old:
+            declared.forget(old)
+        pns = declared.pns
         for r in acked:
-            for pn in [pn for pn in declared if r.start <= pn < r.stop]:
-                _, distance = declared.pop(pn)
+            if not pns or r.start > pns[-1]:
+                break
+            i = bisect_left(pns, r.start)
+            while i < len(pns) and pns[i] < r.stop:
+                distance = declared.distance[i]
+                del pns[i], declared.at[i], declared.distance[i]
                 self.spurious_losses += 1
                 if distance > 0:
                     self.packet_threshold = min(max(self.packet_threshold, distance + distance // 4 + 1),
@@ -406,7 +435,9 @@ class ReorderTolerantRecovery(QuicPacketRecovery):
         time_threshold = now - loss_delay
         lost_packets = []
         space.loss_time = None
-        declared = self._declared.setdefault(id(space), {})
+        declared = self._declared.get(id(space))
+        if declared is None:
+            declared = self._declared[id(space)] = _Declared()
         for packet_number, packet in space.sent_packets.items():
             if packet_number > largest:
                 break
@@ -416,13 +447,13 @@ class ReorderTolerantRecovery(QuicPacketRecovery):
             if packet_number <= packet_threshold or sent_time <= time_threshold:
                 lost_packets.append(packet)
                 by_count = packet_number <= packet_threshold
-                declared[packet_number] = (now, largest - packet_number if by_count else 0)
+                declared.add(packet_number, now, largest - packet_number if by_count else 0)
             else:
                 packet_loss_time = sent_time + loss_delay
                 if space.loss_time is None or space.loss_time > packet_loss_time:
                     space.loss_time = packet_loss_time
-        while len(declared) > SPURIOUS_MEMORY_PACKETS:
-            del declared[next(iter(declared))]
+        if len(declared.pns) > SPURIOUS_MEMORY_PACKETS:
+            declared.forget(len(declared.pns) - SPURIOUS_MEMORY_PACKETS)
         self._on_packets_lost(now=now, packets=lost_packets,
                               persistent_congestion=self._in_persistent_congestion(packets=lost_packets),
                               space=space)
