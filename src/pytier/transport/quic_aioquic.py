@@ -362,7 +362,7 @@ class _Declared:
 
     def add(self, pn: int, at: float, distance: int) -> None:
         if self.pns and pn <= self.pns[-1]:
-            return  # declared again after a threshold change: the first declaration stands
+            return  # out of order (loss detection never does this): not remembered, the list stays sorted
         self.pns.append(pn)
         self.at.append(at)
         self.distance.append(distance)
