@@ -213,10 +213,16 @@ class KcpSession:
         self.packets_in += 1
         self.bytes_in += len(body)
         rcv_nxt, nrcv_buf = kcp.rcv_nxt, kcp.nrcv_buf
-        if self._resent:
+        resent = self._resent
+        if resent:
             self._eifel(kcp, body)
         data = pushes(body, self.conv)
         ok = kcp.receive_data(body) >= 0
+        # Resends whose own ACK was lost but that una now covers: nothing more can show them spurious,
+        # and while any is remembered every ACK packet is read for the Eifel test.
+        una = kcp.snd_una
+        while resent and (next(iter(resent)) - una) & MASK32 >= 0x80000000:
+            del resent[next(iter(resent))]
         if kcp.rcv_nxt != rcv_nxt or kcp.nrcv_buf != nrcv_buf:
             self._echo_at_ms = now_ms + ECHO_DELAY_INTERVALS * self._interval_ms
             self._echoes_left = ECHOES
