@@ -109,28 +109,33 @@ class QuicStream:
 
     def abort(self) -> None:
         if self._closed_reason is None:
-            self._final_stats = self.stats()
             self._closed_reason = "aborted"
             self._t.endpoint.abort(self.handle)
             self._t.streams.pop(self.handle, None)
+            self._collect_final_stats()
             self._t.kick()
 
     def close(self) -> None:
         if self._closed_reason is None:
-            self._final_stats = self.stats()
             self._closed_reason = "closed"
             self._t.endpoint.close(self.handle)
             self._t.streams.pop(self.handle, None)
+            self._collect_final_stats()
             self._t.kick()
 
     def stats(self) -> dict[str, Any]:
+        """The connection's figures, live; once the endpoint forgot the stream (here, or by itself
+        when the stream failed), the ones it kept from that moment."""
         try:
             return self._t.endpoint.stats(self.handle)
         except KeyError:
-            final = self._t.endpoint.take_final_stats(self.handle)
-            if final is not None:
-                self._final_stats = final
+            self._collect_final_stats()
             return self._final_stats
+
+    def _collect_final_stats(self) -> None:
+        final = self._t.endpoint.take_final_stats(self.handle)
+        if final is not None:
+            self._final_stats = final
 
 
 class _QuicIncoming:
