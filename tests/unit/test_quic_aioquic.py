@@ -71,9 +71,14 @@ def test_internal_attributes_are_where_the_adapter_expects_them() -> None:
     assert isinstance(conn._loss, QuicPacketRecovery)
     assert isinstance(conn._loss._cc, BbrCongestionControl)
     assert isinstance(conn._loss._pacer, BbrPacer)
-    assert {"_rtt_smoothed", "_rtt_initialized"} <= set(vars(conn._loss))
+    assert {"_rtt_smoothed", "_rtt_initialized", "_rtt_latest", "_rtt_initial"} <= set(vars(conn._loss))
+    # ReorderTolerantRecovery replaces _detect_loss and calls what aioquic's own calls.
+    for method in ("_detect_loss", "_on_packets_lost", "_in_persistent_congestion", "on_ack_received"):
+        assert callable(getattr(QuicPacketRecovery, method, None)), method
+    assert "K_PACKET_THRESHOLD" in inspect.getsource(QuicPacketRecovery._detect_loss)
+    assert type(conn._loss).__name__ == "ReorderTolerantRecovery"
     sender = QuicStreamSender(stream_id=0, writable=True)
-    assert {"_buffer_start", "_buffer_stop"} <= set(vars(sender))
+    assert {"_buffer_stop", "highest_offset"} <= set(vars(sender))
     # The builder sizes packets from the crypto pair's tag size and calls encrypt_packet.
     source = inspect.getsource(QuicPacketBuilder)
     assert "aead_tag_size" in source and "encrypt_packet" in source
@@ -312,7 +317,7 @@ def test_stream_credit_follows_what_the_application_consumed() -> None:
         pair.now += 0.01
         pair.exchange()
     assert len(pair.received[sid]) == 64 * 1024  # the window, not aioquic's doubling
-    assert pair.client.unacked_bytes(sid) == (1 << 20) - 64 * 1024  # the rest waits in the send buffer
+    assert pair.client.unsent_bytes(sid) == (1 << 20) - 64 * 1024  # the rest waits in the send buffer
     assert pair.server is not None
     pair.server.consume(sid, 64 * 1024)
     for _ in range(40):

@@ -245,7 +245,7 @@ def test_flow_control_follows_consumption() -> None:
     net.b.consume(hb, got)
     net.advance(1.0, step_s=0.01)
     assert len(received(net, B, hb)) > got
-    assert net.a.unacked(ha) > 0
+    assert net.a.unsent(ha) > 0
 
 
 def test_stats() -> None:

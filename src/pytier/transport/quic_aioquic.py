@@ -617,14 +617,6 @@ class NullCryptoQuicConnection(QuicConnection):
     def forget_stream(self, stream_id: int) -> None:
         self._consumed.pop(stream_id, None)
 
-    def unacked_bytes(self, stream_id: int) -> int:
-        """Bytes written to a stream and not acknowledged yet (what its send buffer holds)."""
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            return 0
-        sender = stream.sender
-        return int(sender._buffer_stop - sender._buffer_start)
-
     def unsent_bytes(self, stream_id: int) -> int:
         """Bytes written to a stream that were never sent (retransmissions not counted)."""
         stream = self._streams.get(stream_id)

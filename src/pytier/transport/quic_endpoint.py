@@ -249,10 +249,6 @@ class QuicEndpoint:
         stream.local_fin = True
         stream.conn.quic.send_stream_data(stream.stream_id, b"", end_stream=True)
 
-    def unacked(self, handle: int) -> int:
-        stream = self._streams.get(handle)
-        return 0 if stream is None else stream.conn.quic.unacked_bytes(stream.stream_id)
-
     def unsent(self, handle: int) -> int:
         """Bytes written to a stream and not sent yet: what the writer should keep small, while what
         is in flight follows the congestion window."""
