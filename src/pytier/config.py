@@ -26,6 +26,8 @@ from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any, Literal, NoReturn, cast
 
+from pytier.argtypes import arg_type
+
 PROG = "pytier-core"
 DEFAULT_TUNNEL_PORT = 11010
 DEFAULT_RPC_PORTAL = ("127.0.0.1", 15888)
@@ -407,16 +409,6 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
-def _arg_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return convert
-
-
 def _split_items(parse: Callable[[str], list[Any]]) -> Callable[[str], list[Any]]:
     """Accept "a,b c" as well as one item, as EasyTier's list flags do."""
 
@@ -479,12 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument(*s.flags, dest=f"flag:{s.flags[0]}", action="store_true", help=s.help)
             elif s.kind == "list":
                 group.add_argument(*s.flags, dest=s.attr, action="extend", nargs="+", metavar=s.metavar,
-                                   type=_arg_type(_split_items(s.parse)), help=s.help)
+                                   type=arg_type(_split_items(s.parse)), help=s.help)
             elif s.parse is parse_bool:
                 group.add_argument(*s.flags, dest=s.attr, nargs="?", const=True, metavar="BOOL",
-                                   type=_arg_type(parse_bool), help=s.help)
+                                   type=arg_type(parse_bool), help=s.help)
             else:
-                group.add_argument(*s.flags, dest=s.attr, metavar=s.metavar, type=_arg_type(s.parse),
+                group.add_argument(*s.flags, dest=s.attr, metavar=s.metavar, type=arg_type(s.parse),
                                    help=s.help)
     return parser
 

@@ -30,10 +30,11 @@ import struct
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Literal, NoReturn, TextIO, TypeVar
+from typing import Literal, NoReturn, TextIO
 
+from pytier.argtypes import arg_type
 from pytier.testbed.path_model import GilbertElliott, Policer, Reorderer
 
 __all__ = [
@@ -68,7 +69,6 @@ DROP = -1.0  # Shaper.admit's answer for a dropped frame
 
 _ARP_HI, _ARP_LO = ETH_P_ARP >> 8, ETH_P_ARP & 0xFF
 
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -744,18 +744,6 @@ class _RaisingParser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def _arg_type(convert: Callable[[str], T]) -> Callable[[str], T]:
-    """Wrap `convert` so that argparse shows its message rather than a bare "invalid value"."""
-
-    def parse(text: str) -> T:
-        try:
-            return convert(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
-
-
 def _add_link_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay, both directions")
     p.add_argument("--loss", type=float, default=0.0, help="random loss in percent, both directions")
@@ -769,7 +757,7 @@ def _add_link_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-bytes", type=int, default=None, help="drop-tail queue limit in bytes")
     p.add_argument(
         "--burst",
-        type=_arg_type(_burst),
+        type=arg_type(_burst),
         default=None,
         metavar="ENTER,EXIT,LOSS",
         help="Gilbert-Elliott burst loss, both directions: percent per frame to enter and to leave "
@@ -790,7 +778,7 @@ def _add_link_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--rate-{tag}", type=float, default=None, help=f"rate {desc}, Mbit/s")
         p.add_argument(
             f"--burst-{tag}",
-            type=_arg_type(_burst),
+            type=arg_type(_burst),
             default=None,
             metavar="ENTER,EXIT,LOSS",
             help=f"burst loss {desc}",
@@ -798,14 +786,14 @@ def _add_link_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--police-{tag}", type=float, default=None, help=f"policer {desc}, Mbit/s")
         p.add_argument(
             f"--reorder-{tag}",
-            type=_arg_type(_reorder),
+            type=arg_type(_reorder),
             default=None,
             metavar="PCT,MS",
             help=f"reordering {desc}",
         )
     p.add_argument(
         "--phase",
-        type=_arg_type(Phase.parse),
+        type=arg_type(Phase.parse),
         action="append",
         default=[],
         metavar="SPEC",
