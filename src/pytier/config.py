@@ -842,27 +842,29 @@ def _read_peers(out: _FileSettings, raw: Any) -> None:
         out.put("peers", peers, "[[peer]] uri", line)
 
 
+def _proxy_network_cidr(out: _FileSettings, table: dict[str, Any], key: str, header: int | None,
+                        nth: int) -> tuple[IPv4Network, int | None]:
+    """A CIDR of the nth [[proxy_network]] table, and its line."""
+    text = _table_string(out, "proxy_network", table, key, header, nth)
+    line = out.source.line_of(key, "proxy_network", nth) or header
+    try:
+        [net] = parse_proxy_network(text)
+    except ValueError as e:
+        raise ConfigError(f"{out.source.where(line)}: [[proxy_network]] {key}: {e}") from None
+    return net, line
+
+
 def _read_proxy_networks(out: _FileSettings, raw: Any) -> None:
     src = out.source
     for nth, (table, header) in enumerate(_tables(out, "proxy_network", raw, _PROXY_NETWORK_KEYS)):
-        cidr = _table_string(out, "proxy_network", table, "cidr", header, nth)
-        line = src.line_of("cidr", "proxy_network", nth) or header
-        try:
-            [net] = parse_proxy_network(cidr)
-        except ValueError as e:
-            raise ConfigError(f"{src.where(line)}: [[proxy_network]] cidr: {e}") from None
+        net, line = _proxy_network_cidr(out, table, "cidr", header, nth)
         if "allow" in table:
             allow_line = src.line_of("allow", "proxy_network", nth) or header
             _known_value(out, "[[proxy_network]] allow", _Known("strs"), table["allow"], allow_line)
         if "mapped_cidr" not in table:
             out.put("proxy_networks", [net], "[[proxy_network]] cidr", line)
             continue
-        mapped_text = _table_string(out, "proxy_network", table, "mapped_cidr", header, nth)
-        mapped_line = src.line_of("mapped_cidr", "proxy_network", nth) or header
-        try:
-            [mapped] = parse_proxy_network(mapped_text)
-        except ValueError as e:
-            raise ConfigError(f"{src.where(mapped_line)}: [[proxy_network]] mapped_cidr: {e}") from None
+        mapped, mapped_line = _proxy_network_cidr(out, table, "mapped_cidr", header, nth)
         if mapped.prefixlen != net.prefixlen:
             raise ConfigError(f"{src.where(mapped_line)}: [[proxy_network]] mapped_cidr {mapped} must have "
                               f"the prefix length of cidr {net} (/{net.prefixlen})")
