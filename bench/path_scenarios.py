@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import os
 import sys
 import time
 import zlib
@@ -316,13 +315,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    command = " ".join(["sudo", ".venv/bin/python", *sys.argv]) if os.getuid() == 0 else " ".join(sys.argv)
-    started = time.strftime("%Y-%m-%d %H:%M")
-    logdir = Path(f"/tmp/path_scenarios-{time.strftime('%Y%m%d-%H%M%S')}")
-    logdir.mkdir(parents=True, exist_ok=True)
-    revision, digest = pg.git_revision(), pg.source_digest()
+    run = pg.BenchRun.begin("path_scenarios")
+    logdir, t0 = run.logdir, run.t0
     cells: Cells = {}
-    t0 = time.monotonic()
     for name in args.scenario_names:
         scenario = SCENARIOS[name]
         with Testbed() as tb:
@@ -335,14 +330,8 @@ def main() -> int:
                       f"{fmt_row(row, cell)[26:].strip()} ({time.monotonic() - t_row:.0f} s)",
                       file=sys.stderr, flush=True)
             link.stop()
-    total = time.monotonic() - t0
 
-    print(f"\n$ {command}")
-    print(f"({started}, {os.cpu_count()} cores, pytier {revision} from {pg.PYTIER_SRC.parent}, "
-          f"wall time {total / 60:.1f} min)")
-    if pg.source_digest() != digest:
-        print(f"WARNING: pytier's sources changed during the run (now {pg.git_revision()}); rows measured "
-              "at different times may have run different code.")
+    run.print_header()
     print(f"iperf3 -C cubic -t {args.seconds}, one flow, client in B, server in A; before it, 64-byte "
           f"request/response over one TCP connection, sequential, up to {args.rtt_count} within "
           f"{args.rtt_seconds:g} s.")

@@ -420,6 +420,35 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
+@dataclass
+class BenchRun:
+    """What a benchmark's table header says about the run: the command, when, which pytier."""
+
+    command: str
+    started: str
+    logdir: Path
+    revision: str
+    digest: str
+    t0: float
+
+    @classmethod
+    def begin(cls, name: str) -> BenchRun:
+        argv = ["sudo", ".venv/bin/python", *sys.argv] if os.getuid() == 0 else sys.argv
+        logdir = Path(f"/tmp/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        logdir.mkdir(parents=True, exist_ok=True)
+        return cls(" ".join(argv), time.strftime("%Y-%m-%d %H:%M"), logdir, git_revision(), source_digest(),
+                   time.monotonic())
+
+    def print_header(self) -> None:
+        total = time.monotonic() - self.t0
+        print(f"\n$ {self.command}")
+        print(f"({self.started}, {os.cpu_count()} cores, pytier {self.revision} from {PYTIER_SRC.parent}, "
+              f"wall time {total / 60:.1f} min)")
+        if source_digest() != self.digest:
+            print(f"WARNING: pytier's sources changed during the run (now {git_revision()}); rows measured "
+                  "at different times may have run different code.")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loss", default=DEFAULT_LOSS,
@@ -443,13 +472,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    command = " ".join(["sudo", ".venv/bin/python", *sys.argv]) if os.getuid() == 0 else " ".join(sys.argv)
-    started = time.strftime("%Y-%m-%d %H:%M")
-    logdir = Path(f"/tmp/proxy_goodput-{time.strftime('%Y%m%d-%H%M%S')}")
-    logdir.mkdir(parents=True, exist_ok=True)
-    revision, digest = git_revision(), source_digest()
+    run = BenchRun.begin("proxy_goodput")
+    logdir, t0 = run.logdir, run.t0
     cells: dict[tuple[str, float], Cell] = {}
-    t0 = time.monotonic()
     for loss in args.loss_levels:
         with Testbed() as tb:
             link = tb.linked_pair(DELAY_MS, loss, RATE_MBIT, queue_ms=QUEUE_MS, seed=seed_for(loss))
@@ -459,15 +484,9 @@ def main() -> int:
                 print(f"[{time.monotonic() - t0:5.0f} s] {loss:g}% {ROWS[row]}: {fmt_cell(cell).strip()} "
                       f"({time.monotonic() - t_row:.0f} s)", file=sys.stderr, flush=True)
             link.stop()
-    total = time.monotonic() - t0
 
     levels = args.loss_levels
-    print(f"\n$ {command}")
-    print(f"({started}, {os.cpu_count()} cores, pytier {revision} from {PYTIER_SRC.parent}, "
-          f"wall time {total / 60:.1f} min)")
-    if source_digest() != digest:
-        print(f"WARNING: pytier's sources changed during the run (now {git_revision()}); rows measured "
-              "at different times may have run different code.")
+    run.print_header()
     print(f"A - emulator - B: {DELAY_MS:g} ms one way, {RATE_MBIT:g} Mbit/s, {QUEUE_MS:g} ms queue, "
           f"random loss each way (emulator seed 1000 + 10 x loss %);")
     print(f"iperf3 -C cubic -t {args.seconds}, one flow, client in B, server in A;")
