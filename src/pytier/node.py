@@ -331,8 +331,25 @@ class Node:
         rows = self.peers.describe_conns()
         for row in rows:
             info = self.route.peer_info(int(row["peer_id"]))  # type: ignore[call-overload]
+        for name, value in self._udp_socket_stats().items():
+            if value:
+                stats[f"udp_{name}"] = value
             row["ipv4"] = str(info.ipv4_addr) if info is not None and info.ipv4_addr else None
             row["version"] = info.easytier_version if info is not None else None
+    def _udp_socket_stats(self) -> dict[str, int]:
+        """Batching counters summed over every UDP socket: a listener's socket serves many tunnels."""
+        sockets = {id(s): s for s in (getattr(lst, "socket_stats", None) for lst in self._listeners) if s}
+        for conns in self.peers.conns.values():
+            for c in conns:
+                s = getattr(c.tunnel, "socket_stats", None)
+                if s is not None:
+                    sockets[id(s)] = s
+        total: dict[str, int] = {}
+        for s in sockets.values():
+            for name in ("rx_syscalls", "rx_gro_batches", "tx_syscalls", "tx_gso_sends", "tx_dropped_full"):
+                total[name] = total.get(name, 0) + getattr(s, name)
+        return total
+
         return rows
 
     def describe_routes(self) -> list[dict[str, Any]]:

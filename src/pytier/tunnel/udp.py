@@ -9,9 +9,9 @@ import secrets
 import socket
 import struct
 from collections.abc import Callable
-from typing import cast
 
 from pytier.tunnel.base import Tunnel, TunnelInfo, log
+from pytier.tunnel.udp_socket import SocketStats, UdpSocket
 from pytier.wire.errors import WireError
 from pytier.wire.tunnel_frame import UdpMsgType, is_stun, pack_udp, parse_udp
 
@@ -53,6 +53,7 @@ class _UdpTunnel(Tunnel):
         self._prefix = _UDP_HDR.pack(conn_id, _DATA, 0, 0)[:5]
         self._sendto = sendto
         self._on_gone = on_gone
+        self.socket_stats: SocketStats | None = None
 
     def send(self, packet: bytes) -> None:
         if self.closed:
@@ -71,49 +72,57 @@ class _UdpTunnel(Tunnel):
         self._on_gone()
 
 
-class UdpListener(asyncio.DatagramProtocol):
+class UdpListener:
     """One bound socket; one tunnel per remote address, as EasyTier's UDP listener keys them."""
 
     def __init__(self, on_tunnel: Callable[[Tunnel], None]) -> None:
         self._on_tunnel = on_tunnel
-        self._transport: asyncio.DatagramTransport | None = None
+        self._sock: UdpSocket | None = None
         self._tunnels: dict[tuple[str, int], _UdpTunnel] = {}
         self._syn_magic: dict[tuple[str, int], bytes] = {}
         self.local_addr = ""
         self.rx_malformed = 0
-        self.tx_errors = 0
 
     @classmethod
-    async def start(cls, host: str, port: int, on_tunnel: Callable[[Tunnel], None]) -> UdpListener:
-        loop = asyncio.get_running_loop()
+    async def start(cls, host: str, port: int, on_tunnel: Callable[[Tunnel], None],
+                    *, offload: bool = True) -> UdpListener:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        _tune(sock)
-        sock.bind((host, port))
-        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _tune(sock)
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
         proto = cls(on_tunnel)
-        await loop.create_datagram_endpoint(lambda: proto, sock=sock)
+        proto._sock = UdpSocket(sock, proto._on_datagram, proto._on_error, offload=offload)
         proto.local_addr = _fmt(sock.getsockname())
         return proto
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's UDP transport is not a subclass of asyncio.DatagramTransport; it behaves as one.
-        self._transport = cast(asyncio.DatagramTransport, transport)
+    @property
+    def socket_stats(self) -> SocketStats:
+        assert self._sock is not None
+        return self._sock.stats
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    @property
+    def tx_errors(self) -> int:
+        return self._sock.stats.tx_errors if self._sock is not None else 0
+
+    def _on_datagram(self, data: memoryview, addr: tuple[str, int]) -> None:
         if len(data) >= 8 and data[4] == _DATA:
             tun = self._tunnels.get(addr)
             conn_id, _, _, length = _UDP_HDR.unpack_from(data)
             if tun is None or tun.conn_id != conn_id or length != len(data) - 8:
                 self.rx_malformed += 1
                 return
-            tun.deliver(data[8:])
+            tun.deliver(bytes(data[8:]))
             return
+        raw = bytes(data)
         try:
-            conn_id, msg_type, body = parse_udp(data)
+            conn_id, msg_type, body = parse_udp(raw)
         except WireError:
-            if not is_stun(data):
+            if not is_stun(raw):
                 self.rx_malformed += 1
             return
         if msg_type == UdpMsgType.Syn and len(body) == 8:
@@ -122,19 +131,19 @@ class UdpListener(asyncio.DatagramProtocol):
             self.rx_malformed += 1
 
     def _on_syn(self, conn_id: int, magic: bytes, addr: tuple[str, int]) -> None:
-        assert self._transport is not None
-        transport = self._transport
+        usock = self._sock
+        assert usock is not None
         old = self._tunnels.get(addr)
         if old is not None and old.conn_id == conn_id and self._syn_magic.get(addr) == magic:
             # A resent Syn of the same attempt: only the Sack was lost.
-            transport.sendto(pack_udp(conn_id, UdpMsgType.Sack, magic), addr)
+            usock.send(pack_udp(conn_id, UdpMsgType.Sack, magic), addr)
             return
         if old is not None:
             old.close("replaced by a new connection from the same address")
         info = TunnelInfo("udp", self.local_addr, _fmt(addr), is_client=False)
 
         def sendto(datagram: bytes) -> None:
-            transport.sendto(datagram, addr)
+            usock.send(datagram, addr)
 
         def gone() -> None:
             if self._tunnels.get(addr) is tun:
@@ -142,46 +151,42 @@ class UdpListener(asyncio.DatagramProtocol):
                 self._syn_magic.pop(addr, None)
 
         tun = _UdpTunnel(info, conn_id, sendto, gone)
+        tun.socket_stats = usock.stats
         self._tunnels[addr] = tun
         self._syn_magic[addr] = magic
-        transport.sendto(pack_udp(conn_id, UdpMsgType.Sack, magic), addr)
+        usock.send(pack_udp(conn_id, UdpMsgType.Sack, magic), addr)
         self._on_tunnel(tun)
 
-    def error_received(self, exc: Exception) -> None:
+    def _on_error(self, exc: OSError) -> None:
         # ICMP errors for one remote, or a refused send, must not stop the socket that serves all.
-        self.tx_errors += 1
         log.debug("udp listener %s: %s", self.local_addr, exc)
 
     def close(self) -> None:
         for tun in list(self._tunnels.values()):
             tun.close("listener closed")
-        if self._transport is not None:
-            self._transport.close()
+        if self._sock is not None:
+            self._sock.close()
 
 
-class _UdpClientProtocol(asyncio.DatagramProtocol):
+class _UdpClient:
     def __init__(self) -> None:
         self.tunnel: _UdpTunnel | None = None
         self.sack: asyncio.Future[None] | None = None
         self.conn_id = 0
         self.magic = b""
-        self.transport: asyncio.DatagramTransport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def on_datagram(self, data: memoryview, addr: tuple[str, int]) -> None:
         tun = self.tunnel
         if tun is not None:
             if len(data) >= 8 and data[4] == _DATA:
                 conn_id, _, _, length = _UDP_HDR.unpack_from(data)
                 if conn_id == tun.conn_id and length == len(data) - 8:
-                    tun.deliver(data[8:])
+                    tun.deliver(bytes(data[8:]))
                     return
             tun.stats.rx_malformed += 1
             return
         try:
-            conn_id, msg_type, body = parse_udp(data)
+            conn_id, msg_type, body = parse_udp(bytes(data))
         except WireError:
             return
         if (
@@ -193,55 +198,48 @@ class _UdpClientProtocol(asyncio.DatagramProtocol):
         ):
             self.sack.set_result(None)
 
-    def error_received(self, exc: Exception) -> None:
-        # A refused send (firewall EPERM, ENOBUFS, no route) is a lost packet, not a dead link.
+    def on_error(self, exc: OSError) -> None:
+        # A refused send (firewall EPERM, ENOBUFS, no route, ICMP unreachable) is a lost packet, not a
+        # dead link: the peer layer's liveness check decides that.
         if self.tunnel is not None:
             self.tunnel.stats.tx_errors += 1
         log.debug("udp tunnel: %s", exc)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.tunnel is not None:
-            self.tunnel.close("socket closed")
 
-
-async def connect_udp(host: str, port: int) -> Tunnel:
+async def connect_udp(host: str, port: int, *, offload: bool = True) -> Tunnel:
     """Open a UDP tunnel; raises OSError or TimeoutError when the listener does not answer."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     family, _, _, _, sockaddr = infos[0]
     sock = socket.socket(family, socket.SOCK_DGRAM)
-    _tune(sock)
-    sock.setblocking(False)
     try:
+        _tune(sock)
+        sock.setblocking(False)
         sock.connect(sockaddr)
     except OSError:
         sock.close()
         raise
-    proto = _UdpClientProtocol()
-    transport, _ = await loop.create_datagram_endpoint(lambda: proto, sock=sock)
-    proto.conn_id = secrets.randbits(32)
-    proto.magic = os.urandom(8)
-    proto.sack = loop.create_future()
-    syn = pack_udp(proto.conn_id, UdpMsgType.Syn, proto.magic)
+    client = _UdpClient()
+    usock = UdpSocket(sock, client.on_datagram, client.on_error, connected=True, offload=offload)
+    client.conn_id = secrets.randbits(32)
+    client.magic = os.urandom(8)
+    client.sack = loop.create_future()
+    syn = pack_udp(client.conn_id, UdpMsgType.Syn, client.magic)
     deadline = loop.time() + SYN_TIMEOUT_S
     try:
         while True:
-            with contextlib.suppress(OSError):
-                transport.sendto(syn)
+            usock.send(syn)
             left = deadline - loop.time()
             if left <= 0:
                 raise TimeoutError(f"no answer from udp://{_fmt(sockaddr)} within {SYN_TIMEOUT_S:.0f} s")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(proto.sack), min(SYN_RESEND_S, left))
+                await asyncio.wait_for(asyncio.shield(client.sack), min(SYN_RESEND_S, left))
                 break
     except BaseException:
-        transport.close()
+        usock.close()
         raise
     info = TunnelInfo("udp", _fmt(sock.getsockname()), _fmt(sockaddr), is_client=True)
-
-    def sendto(datagram: bytes) -> None:
-        transport.sendto(datagram)
-
-    tun = _UdpTunnel(info, proto.conn_id, sendto, transport.close)
-    proto.tunnel = tun
+    tun = _UdpTunnel(info, client.conn_id, usock.send, usock.close)
+    tun.socket_stats = usock.stats
+    client.tunnel = tun
     return tun
