@@ -45,8 +45,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytier
 from pytier.testbed.linkem import DirCounters, LinkCounters
@@ -80,6 +81,18 @@ ROWS: dict[str, str] = {
     "easytier-quic": "EasyTier 2.6.4 QUIC proxy",
     "kcptun": "kcptun fast3 (FEC 10/3)",
 }
+
+
+class Link(Protocol):
+    """What the rows need of a path between A and B: an emulated one, or a bare veth pair."""
+
+    a: Netns
+    b: Netns
+    if_a: str
+    if_b: str
+
+    @property
+    def ip_a(self) -> IPv4Address: ...
 
 
 @dataclass
@@ -147,15 +160,20 @@ def python_module(module: str, *args: str) -> list[str]:
 # ---- rows: start what carries the traffic, say where the servers and clients are ------------
 
 
-def setup_kernel(tb: Testbed, link: EmulatedLink) -> RowSetup:
+def setup_kernel(tb: Testbed, link: Link) -> RowSetup:
     return RowSetup(str(link.ip_a), str(link.ip_a))
 
 
-def setup_pytier(tb: Testbed, link: EmulatedLink, kcp: bool, quic: bool = False,
-                 userspace: bool = False) -> RowSetup:
-    na = PytierNode(tb, link.a, [*NET, "-i", f"{VIP_A}/24", "-l", "udp://0.0.0.0:11010"],
-                    name="bench-a").start()
-    nb = PytierNode(tb, link.b, [*NET, "-i", f"{VIP_B}/24", "--no-listener", "-p", f"udp://{link.ip_a}:11010",
+def setup_pytier(tb: Testbed, link: Link, kcp: bool, quic: bool = False,
+                 userspace: bool = False, scheme: str = "udp", profile_a: Path | None = None) -> RowSetup:
+    """`profile_a`: run node A under cProfile, writing its profile there when A is stopped."""
+    na = PytierNode(tb, link.a, [*NET, "-i", f"{VIP_A}/24", "-l", f"{scheme}://0.0.0.0:11010"],
+                    name="bench-a")
+    if profile_a is not None:
+        na.wrap = [sys.executable, "-m", "cProfile", "-o", str(profile_a), "-m", "pytier.cli.core"]
+    na.start()
+    nb = PytierNode(tb, link.b, [*NET, "-i", f"{VIP_B}/24", "--no-listener", "-p",
+                                 f"{scheme}://{link.ip_a}:11010",
                                  *(["--enable-kcp-proxy"] if kcp else []),
                                  *(["--enable-quic-proxy"] if quic else []),
                                  *(["--use-smoltcp"] if userspace else [])], name="bench-b").start()
@@ -166,13 +184,14 @@ def setup_pytier(tb: Testbed, link: EmulatedLink, kcp: bool, quic: bool = False,
                     proxy_kind="Quic" if quic else "Kcp")
 
 
-def setup_easytier(tb: Testbed, link: EmulatedLink, kcp: bool, quic: bool = False) -> RowSetup:
+def setup_easytier(tb: Testbed, link: Link, kcp: bool, quic: bool = False,
+                   scheme: str = "udp") -> RowSetup:
     common: dict[str, Any] = {"network_name": "bench", "network_secret": "bench-secret"}
-    ea = EasyTierNode(tb, link.a, name="et-a", ipv4=f"{VIP_A}/24", listeners=["udp://0.0.0.0:11010"],
+    ea = EasyTierNode(tb, link.a, name="et-a", ipv4=f"{VIP_A}/24", listeners=[f"{scheme}://0.0.0.0:11010"],
                       peers=[], **common).start()
     flags = {"enable_kcp_proxy": True} if kcp else {"enable_quic_proxy": True} if quic else None
     eb = EasyTierNode(tb, link.b, name="et-b", ipv4=f"{VIP_B}/24", listeners=[],
-                      peers=[f"udp://{link.ip_a}:11010"], flags=flags, **common).start()
+                      peers=[f"{scheme}://{link.ip_a}:11010"], flags=flags, **common).start()
     eb.wait_route(VIP_A, timeout=60)
     wait_for(lambda: link.b.run(["ip", "route", "get", VIP_A], check=False).returncode == 0, 10,
              "EasyTier TUN route")
@@ -181,7 +200,7 @@ def setup_easytier(tb: Testbed, link: EmulatedLink, kcp: bool, quic: bool = Fals
                     procs={"A": ea.proc, "B": eb.proc})
 
 
-def setup_kcptun(tb: Testbed, link: EmulatedLink, logdir: Path) -> RowSetup:
+def setup_kcptun(tb: Testbed, link: Link, logdir: Path) -> RowSetup:
     procs: dict[str, subprocess.Popen[Any]] = {}
     servers: list[int] = []
     for udp, target, local in ((KCPTUN_UDP[0], IPERF_PORT, KCPTUN_IPERF_PORT),
@@ -201,7 +220,7 @@ def setup_kcptun(tb: Testbed, link: EmulatedLink, logdir: Path) -> RowSetup:
                     procs=procs)
 
 
-def setup(row: str, tb: Testbed, link: EmulatedLink, logdir: Path) -> RowSetup:
+def setup(row: str, tb: Testbed, link: Link, logdir: Path) -> RowSetup:
     if row == "kernel":
         return setup_kernel(tb, link)
     if row in ("pytier-plain", "pytier-kcp", "pytier-kcp-us", "pytier-quic"):
@@ -212,7 +231,7 @@ def setup(row: str, tb: Testbed, link: EmulatedLink, logdir: Path) -> RowSetup:
     return setup_kcptun(tb, link, logdir)
 
 
-def clear_row(link: EmulatedLink) -> None:
+def clear_row(link: Link) -> None:
     """End every process of the previous row in A and B by PID and wait until its TUN devices went."""
     underlay = {link.a.name: link.if_a, link.b.name: link.if_b}
     for ns in (link.a, link.b):
@@ -279,7 +298,7 @@ def probe_rtt(link: EmulatedLink, via: RowSetup, cell: Cell, count: int, seconds
                           + (f", error: {result['error']}" if result.get("error") else ""))
 
 
-def run_iperf(link: EmulatedLink, via: RowSetup, cell: Cell, seconds: int,
+def run_iperf(link: Link, via: RowSetup, cell: Cell, seconds: int,
               during: Callable[[float], None] | None = None,
               extra: Sequence[str] = ()) -> dict[str, Any] | None:
     """One iperf3 -C cubic flow B->A (client options `extra` added); fills goodput and CPU into

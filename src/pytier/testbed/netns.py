@@ -527,9 +527,11 @@ class Testbed:
         addr_b: IPv4Interface | str | None,
         *,
         mtu: int = 1500,
+        offloads: bool = False,
     ) -> Veth:
         """A veth pair named after the two namespaces (`<ns_a>` toward b, `<ns_b>` toward a)."""
-        return veth(ns_a, self._ifname(ns_a, ns_b), ns_b, self._ifname(ns_b, ns_a), addr_a, addr_b, mtu=mtu)
+        return veth(ns_a, self._ifname(ns_a, ns_b), ns_b, self._ifname(ns_b, ns_a), addr_a, addr_b, mtu=mtu,
+                    offloads=offloads)
 
     def _ifname(self, ns: Netns, peer: Netns) -> str:
         return _check_ifname(ns.name + peer.name.removeprefix(self.prefix)[:IFNAME_MAX])
