@@ -181,12 +181,40 @@ def parse_ipv4(text: str) -> IPv4Interface:
     return iface
 
 
-def parse_proxy_network(text: str) -> list[IPv4Network]:
+@dataclass(frozen=True)
+class ProxyNetwork:
+    """A local subnet this node exports: under its own prefix, or (EasyTier's CIDR->MAPPED_CIDR) under
+    `mapped`, a prefix of the same length that peers route to this node and that it translates back."""
+
+    cidr: IPv4Network
+    mapped: IPv4Network | None = None
+
+    @property
+    def exported(self) -> IPv4Network:
+        """The prefix other nodes see in this node's route info and route to it."""
+        return self.cidr if self.mapped is None else self.mapped
+
+    def __str__(self) -> str:
+        return str(self.cidr) if self.mapped is None else f"{self.cidr}->{self.mapped}"
+
+
+def parse_proxy_network(text: str) -> list[ProxyNetwork]:
+    """CIDR, or CIDR->MAPPED_CIDR with the same prefix length."""
+    real, arrow, mapped = text.strip().partition("->")
+    net = parse_cidr(real)
+    if not arrow:
+        return [ProxyNetwork(net)]
+    to = parse_cidr(mapped)
+    if to.prefixlen != net.prefixlen:
+        raise ValueError(f"{text.strip()!r}: the mapped network {to} must have the prefix length of "
+                         f"{net} (/{net.prefixlen})")
+    return [ProxyNetwork(net, to)]
+
+
+def parse_cidr(text: str) -> IPv4Network:
     text = text.strip()
-    if "->" in text:
-        raise ValueError(f"{text!r}: mapped proxy networks (CIDR->CIDR) are not supported by pytier")
     try:
-        return [IPv4Network(text)]
+        return IPv4Network(text)
     except ValueError:
         pass
     try:
@@ -291,10 +319,7 @@ class Config:
     console_log_level: str = "info"
     encryption_algorithm: str = "aes-gcm"
     disable_encryption: bool = False
-    proxy_networks: list[IPv4Network] = field(default_factory=list)
-    # [[proxy_network]] cidr -> mapped_cidr pairs from a config file, kept apart from proxy_networks:
-    # pytier does not map addresses yet, so these subnets are not exported.
-    proxy_network_maps: list[tuple[IPv4Network, IPv4Network]] = field(default_factory=list)
+    proxy_networks: list[ProxyNetwork] = field(default_factory=list)
     enable_kcp_proxy: bool = False
     disable_kcp_input: bool = False
     enable_quic_proxy: bool = False
@@ -343,8 +368,8 @@ _GROUPS: tuple[tuple[str, tuple[_Setting, ...]], ...] = (
         _Setting("instance_name", ("--instance-name", "-m"), "value",
                  "name of this instance on the host (default: default)", _nonempty("instance name"), "NAME"),
         _Setting("proxy_networks", ("--proxy-networks", "-n"), "list",
-                 "export a local subnet to the network, e.g. 192.168.50.0/24",
-                 parse_proxy_network, "CIDR"),
+                 "export subnet A, e.g. 192.168.50.0/24; A->B: export it as prefix B",
+                 parse_proxy_network, "A[->B]"),
     )),
     ("tunnels", (
         _Setting("listeners", ("--listeners", "-l"), "list",
@@ -413,7 +438,8 @@ def _split_items(parse: Callable[[str], list[Any]]) -> Callable[[str], list[Any]
     """Accept "a,b c" as well as one item, as EasyTier's list flags do."""
 
     def parse_all(text: str) -> list[Any]:
-        items = [t for t in re.split(r"[,\s]+", text) if t]
+        # "A -> B" is one item (a mapped proxy network), not three.
+        items = [t for t in re.split(r"[,\s]+", re.sub(r"\s*->\s*", "->", text)) if t]
         if not items:
             raise ValueError("expected at least one value")
         return [x for t in items for x in parse(t)]
@@ -713,7 +739,7 @@ _PROXY_NETWORK_KEYS = ("cidr", "mapped_cidr", "allow")
 # so that EasyTier's usual listener lists (tcp, udp, wg, ws, wss, quic on neighbouring ports) still load.
 _EASYTIER_SCHEMES = ("wg", "ws", "wss", "quic", "faketcp", "txt", "srv", "http", "https", "ring", "unix")
 # Settings that several files, and both layouts within a file, add to instead of replacing.
-_ACCUMULATE = frozenset({"peers", "proxy_networks", "proxy_network_maps"})
+_ACCUMULATE = frozenset({"peers", "proxy_networks"})
 
 
 def _toml_literal(value: Any) -> str:
@@ -741,6 +767,8 @@ class _FileSettings:
                 raise ConfigError(f"{self.source.where(line)}: {name} is set twice "
                                   f"(also as {self.names[attr]})")
             value = _dedup([*self.values[attr], *value])
+        if attr == "proxy_networks" and (overlap := _mapped_overlap(value)) is not None:
+            raise ConfigError(f"{self.source.where(line)}: {name}: {overlap}")
         self.values[attr] = value
         self.names[attr] = name
 
@@ -842,13 +870,26 @@ def _read_peers(out: _FileSettings, raw: Any) -> None:
         out.put("peers", peers, "[[peer]] uri", line)
 
 
+def _mapped_overlap(nets: Sequence[ProxyNetwork]) -> str | None:
+    """Why `nets` are ambiguous, if they are: an address of a mapped prefix stands for one real address."""
+    for i, a in enumerate(nets):
+        for b in nets[i + 1:]:
+            if (a.mapped is not None or b.mapped is not None) and a.exported.overlaps(b.exported):
+                return (f"proxy networks {a} and {b} export overlapping prefixes "
+                        f"({a.exported} and {b.exported})")
+    return None
+
+
 def _proxy_network_cidr(out: _FileSettings, table: dict[str, Any], key: str, header: int | None,
                         nth: int) -> tuple[IPv4Network, int | None]:
     """A CIDR of the nth [[proxy_network]] table, and its line."""
     text = _table_string(out, "proxy_network", table, key, header, nth)
     line = out.source.line_of(key, "proxy_network", nth) or header
+    if "->" in text:
+        raise ConfigError(f"{out.source.where(line)}: [[proxy_network]] {key}: {text!r}: in this table the "
+                          "mapped prefix goes in its own key, mapped_cidr")
     try:
-        [net] = parse_proxy_network(text)
+        net = parse_cidr(text)
     except ValueError as e:
         raise ConfigError(f"{out.source.where(line)}: [[proxy_network]] {key}: {e}") from None
     return net, line
@@ -862,17 +903,13 @@ def _read_proxy_networks(out: _FileSettings, raw: Any) -> None:
             allow_line = src.line_of("allow", "proxy_network", nth) or header
             _known_value(out, "[[proxy_network]] allow", _Known("strs"), table["allow"], allow_line)
         if "mapped_cidr" not in table:
-            out.put("proxy_networks", [net], "[[proxy_network]] cidr", line)
+            out.put("proxy_networks", [ProxyNetwork(net)], "[[proxy_network]] cidr", line)
             continue
         mapped, mapped_line = _proxy_network_cidr(out, table, "mapped_cidr", header, nth)
         if mapped.prefixlen != net.prefixlen:
             raise ConfigError(f"{src.where(mapped_line)}: [[proxy_network]] mapped_cidr {mapped} must have "
                               f"the prefix length of cidr {net} (/{net.prefixlen})")
-        out.put("proxy_network_maps", [(net, mapped)], "[[proxy_network]] mapped_cidr", mapped_line)
-        # Exporting the subnet under its real address instead could collide with the subnet another site
-        # maps for the same reason, so until pytier maps addresses the subnet is not exported at all.
-        out.not_implemented("[[proxy_network]] mapped_cidr", mapped_line,
-                            f"; {net} (mapped to {mapped}) is not exported")
+        out.put("proxy_networks", [ProxyNetwork(net, mapped)], "[[proxy_network]] mapped_cidr", mapped_line)
 
 
 def _flat_listeners(out: _FileSettings, raw: Any, raw_key: str, line: int | None) -> Any:
@@ -1048,6 +1085,9 @@ def parse_invocation(argv: Sequence[str], environ: Mapping[str, str] | None = No
     sources = [f"command line ({len(from_cli)} settings)", f"environment ({len(from_env)} settings)",
                *(f"config file {p}" for p in reversed(config_files)), "defaults"]
     config = Config(**values, config_file=config_files[-1] if config_files else None)
+    overlap = _mapped_overlap(config.proxy_networks)
+    if overlap is not None:
+        raise ConfigError(overlap)
     return Invocation(config, getattr(ns, "check_config", False), warnings, sources)
 
 
@@ -1086,9 +1126,6 @@ def effective_settings(invocation: Invocation) -> list[str]:
         elif not isinstance(value, (bool, int, float, str)):
             value = str(value)
         lines.append(f"{s.key} = {_toml_literal(value)}")
-    if c.proxy_network_maps:
-        maps = [f"{net}->{mapped}" for net, mapped in c.proxy_network_maps]
-        lines.append(f"# not exported, mapped_cidr is not implemented: {', '.join(maps)}")
     return lines
 
 
@@ -1100,6 +1137,7 @@ __all__ = [
     "ConfigError",
     "HelpFormatter",
     "Invocation",
+    "ProxyNetwork",
     "TunnelUrl",
     "build_parser",
     "effective_settings",

@@ -65,7 +65,7 @@ class Node:
             my_peer_id=self.peer_id,
             rpc=self.rpc,
             ipv4=config.ipv4,
-            proxy_cidrs=[str(n) for n in config.proxy_networks],
+            proxy_cidrs=[str(n.exported) for n in config.proxy_networks],
             hostname=config.hostname,
             feature_flag=self.feature_flags(),
         )
@@ -181,7 +181,10 @@ class Node:
         if link is None:
             return
         own = self.config.ipv4.network if self.config.ipv4 is not None else None
-        wanted = {n for n in wanted if n != own and n not in self.config.proxy_networks}
+        # Our LAN stays on the LAN even when another site exports the same prefix (that is what a
+        # mapped prefix is for).
+        mine = {net for n in self.config.proxy_networks for net in (n.cidr, n.exported)}
+        wanted = {n for n in wanted if n != own and n not in mine}
         gone, new = self._tun_routes - wanted, wanted - self._tun_routes
         self._tun_routes = wanted
         if gone or new:
@@ -278,7 +281,10 @@ class Node:
         tun.attach(loop, self._on_tun_packets)
         log.info("TUN device %s up (mtu %d, %s)", tun.name, cfg.mtu, cfg.ipv4 or "no address")
         if cfg.proxy_networks and cfg.ipv4 is not None:
-            forwarding = SubnetForwarding(f"pytier_{tun.name}", cfg.ipv4.network, list(cfg.proxy_networks))
+            forwarding = SubnetForwarding(
+                f"pytier_{tun.name}", tun.name, cfg.ipv4.network,
+                list(dict.fromkeys(n.cidr for n in cfg.proxy_networks)),
+                [(n.cidr, n.mapped) for n in cfg.proxy_networks if n.mapped is not None])
             try:
                 forwarding.open()
             except OSError as exc:
@@ -446,6 +452,7 @@ class Node:
             inbound=inbound,
             userspace=cfg.use_smoltcp,
             mtu=cfg.mtu,
+            netmaps=[(n.cidr, n.mapped) for n in cfg.proxy_networks if n.mapped is not None],
         )
         await self.proxy.start()
         if outbound:

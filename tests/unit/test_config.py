@@ -15,6 +15,7 @@ from pytier.config import (
     DEFAULT_RPC_PORTAL,
     Config,
     ConfigError,
+    ProxyNetwork,
     TunnelUrl,
     build_parser,
     parse_config,
@@ -28,6 +29,15 @@ CORE_AS_MODULE = [sys.executable, "-m", "pytier.cli.core"]
 
 def urls(*texts: str) -> list[TunnelUrl]:
     return [TunnelUrl.parse(t) for t in texts]
+
+
+def nets(*texts: str) -> list[ProxyNetwork]:
+    """ProxyNetworks from "CIDR" or "CIDR>MAPPED" (written without the flag's arrow, to test the parser)."""
+    out = []
+    for text in texts:
+        real, _, mapped = text.partition(">")
+        out.append(ProxyNetwork(IPv4Network(real), IPv4Network(mapped) if mapped else None))
+    return out
 
 
 def run_core(argv: list[str], cmd: list[str] = CORE) -> subprocess.CompletedProcess[str]:
@@ -134,9 +144,12 @@ EVERY_FLAG: list[tuple[list[str], str, Any]] = [
     (["--encryption-algorithm", "xor"], "encryption_algorithm", "xor"),
     (["--disable-encryption"], "disable_encryption", True),
     (["-u"], "disable_encryption", True),
-    (["--proxy-networks", "192.168.50.0/24"], "proxy_networks", [IPv4Network("192.168.50.0/24")]),
+    (["--proxy-networks", "192.168.50.0/24"], "proxy_networks", nets("192.168.50.0/24")),
     (["-n", "192.168.50.0/24,10.1.0.0/16", "-n", "172.16.0.0/12"], "proxy_networks",
-     [IPv4Network("192.168.50.0/24"), IPv4Network("10.1.0.0/16"), IPv4Network("172.16.0.0/12")]),
+     nets("192.168.50.0/24", "10.1.0.0/16", "172.16.0.0/12")),
+    (["-n", "192.168.1.0/24->10.1.0.0/24"], "proxy_networks", nets("192.168.1.0/24>10.1.0.0/24")),
+    (["-n", "192.168.1.0/24 -> 10.1.0.0/24, 192.168.1.0/24", "-n", "172.16.0.0/12->10.16.0.0/12"],
+     "proxy_networks", nets("192.168.1.0/24>10.1.0.0/24", "192.168.1.0/24", "172.16.0.0/12>10.16.0.0/12")),
     (["--enable-kcp-proxy"], "enable_kcp_proxy", True),
     (["--enable-kcp-proxy", "true"], "enable_kcp_proxy", True),
     (["--enable-kcp-proxy", "false"], "enable_kcp_proxy", False),
@@ -162,8 +175,7 @@ def test_every_flag(argv: list[str], attr: str, expected: Any) -> None:
 
 
 def test_every_config_attribute_has_a_flag() -> None:
-    # proxy_network_maps comes only from EasyTier's [[proxy_network]] mapped_cidr (test_config_easytier.py).
-    covered = {attr for _, attr, _ in EVERY_FLAG} | {"config_file", "proxy_network_maps"}
+    covered = {attr for _, attr, _ in EVERY_FLAG} | {"config_file"}
     assert covered == set(vars(Config()))
 
 
@@ -206,7 +218,7 @@ instance_name = "i1"
 console_log_level = "debug"
 encryption_algorithm = "chacha20"
 disable_encryption = true
-proxy_networks = ["192.168.50.0/24"]
+proxy_networks = ["192.168.50.0/24", "192.168.1.0/24->10.1.0.0/24"]
 enable_kcp_proxy = true
 disable_kcp_input = true
 enable_quic_proxy = true
@@ -222,7 +234,8 @@ peer_timeout = 5
         peers=urls("tcp://198.18.0.2:11010", "udp://[fd00::2]:11011"), dev_name="pt1", mtu=1400,
         rpc_portal=("127.0.0.1", 16000), hostname="node-a", instance_name="i1", console_log_level="debug",
         encryption_algorithm="chacha20", disable_encryption=True,
-        proxy_networks=[IPv4Network("192.168.50.0/24")], enable_kcp_proxy=True, disable_kcp_input=True,
+        proxy_networks=nets("192.168.50.0/24", "192.168.1.0/24>10.1.0.0/24"), enable_kcp_proxy=True,
+        disable_kcp_input=True,
         enable_quic_proxy=True, disable_quic_input=True, use_smoltcp=True, no_tun=True, peer_timeout_s=5.0,
         config_file=path,
     )
@@ -283,7 +296,17 @@ ERRORS: list[tuple[list[str], str | None, str]] = [
     (["-p", "udp://0.0.0.0:11010"], None, "0.0.0.0 is not an address to connect to"),
     (["-p", "udp://198.18.0.2:0"], None, "needs a port other than 0"),
     (["-n", "192.168.50.1/24"], None, "'192.168.50.1/24' has host bits set; did you mean 192.168.50.0/24?"),
-    (["-n", "192.168.50.0/24->10.0.0.0/24"], None, "mapped proxy networks (CIDR->CIDR) are not supported"),
+    (["-n", "192.168.1.0/24->10.1.0.0/16"], None,
+     "argument --proxy-networks/-n: '192.168.1.0/24->10.1.0.0/16': the mapped network 10.1.0.0/16 must have "
+     "the prefix length of 192.168.1.0/24 (/24)"),
+    (["-n", "192.168.1.0/24->10.1.0.1/24"], None,
+     "'10.1.0.1/24' has host bits set; did you mean 10.1.0.0/24?"),
+    (["-n", "192.168.1.0/24->"], None, "invalid IPv4 network ''"),
+    (["-n", "192.168.1.0/24->10.1.0.0/24", "-n", "192.168.2.0/24->10.1.0.0/24"], None,
+     "proxy networks 192.168.1.0/24->10.1.0.0/24 and 192.168.2.0/24->10.1.0.0/24 export overlapping "
+     "prefixes (10.1.0.0/24 and 10.1.0.0/24)"),
+    (["-n", "192.168.1.0/24->10.1.0.0/24,10.0.0.0/8"], None, "export overlapping prefixes (10.1.0.0/24 and "
+                                                            "10.0.0.0/8)"),
     (["-n", "nonsense"], None, "invalid IPv4 network 'nonsense'"),
     (["--dev-name", "a" * 16], None, "is longer than 15 characters"),
     (["--dev-name", "a/b"], None, "is not a valid network interface name"),
@@ -311,6 +334,9 @@ ERRORS: list[tuple[list[str], str | None, str]] = [
     ([], "ipv4 = ['10.0.0.1']\n", "ipv4: expected a string or number, got an array"),
     ([], "peers = [true]\n", "peers: expected a string or number, got true"),
     ([], "peers = ['wg://x']\n", "peers: unsupported scheme 'wg://'"),
+    ([], "\nproxy_networks = ['192.168.1.0/24->10.1.0.0/25']\n",
+     "line 2: proxy_networks: '192.168.1.0/24->10.1.0.0/25': the mapped network 10.1.0.0/25 must have the "
+     "prefix length of 192.168.1.0/24 (/24)"),
     ([], "no_listener = true\nlisteners = ['11010']\n", "no_listener conflicts with listeners"),
     ([], "\xff = 1\n", "node.toml: not UTF-8 text"),
 ]

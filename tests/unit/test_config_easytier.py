@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pytier.cli.core import main
-from pytier.config import Config, ConfigError, TunnelUrl, parse_config, parse_invocation
+from pytier.config import Config, ConfigError, ProxyNetwork, TunnelUrl, parse_config, parse_invocation
 
 CORE = str(Path(sys.executable).parent / "pytier-core")
 
@@ -101,8 +101,8 @@ def test_full_example(tmp_path: Path) -> None:
         peers=urls("tcp://198.18.0.2:11010", "udp://198.18.0.3:11010"),
         dev_name="et0", mtu=1380, rpc_portal=("127.0.0.1", 15888), hostname="gw-office",
         instance_name="office", console_log_level="debug",
-        proxy_networks=[IPv4Network("192.168.50.0/24")],
-        proxy_network_maps=[(IPv4Network("192.168.1.0/24"), IPv4Network("10.1.1.0/24"))],
+        proxy_networks=[ProxyNetwork(IPv4Network("192.168.50.0/24")),
+                        ProxyNetwork(IPv4Network("192.168.1.0/24"), IPv4Network("10.1.1.0/24"))],
         enable_kcp_proxy=True, enable_quic_proxy=True, disable_quic_input=True, use_smoltcp=True,
         config_file=path,
     )
@@ -113,8 +113,6 @@ def test_full_example(tmp_path: Path) -> None:
         "skipping listeners 'wg://0.0.0.0:11011'",
         f"{where} 25: pytier does not implement wss:// tunnels (it speaks udp:// and tcp://); "
         "skipping [[peer]] uri 'wss://198.18.0.4:11012/'",
-        f"{where} 32: pytier does not implement [[proxy_network]] mapped_cidr; "
-        "192.168.1.0/24 (mapped to 10.1.1.0/24) is not exported",
         f'{where} 35: pytier does not implement [file_logger] level = "info"; ignored',
         f'{where} 36: pytier does not implement [file_logger] file = "easytier"; ignored',
         f'{where} 37: pytier does not implement [file_logger] dir = "/var/log/easytier"; ignored',
@@ -280,7 +278,8 @@ def test_proxy_network_allow_is_a_warning(tmp_path: Path) -> None:
     path = write(tmp_path, '[[proxy_network]]\ncidr = "192.168.50.0/24"\nallow = ["tcp"]\n')
     assert warnings_of(path) == [f"config file {path} line 3: pytier does not implement "
                                  "[[proxy_network]] allow; ignored"]
-    assert parse_config(["-c", str(path)], {}).proxy_networks == [IPv4Network("192.168.50.0/24")]
+    assert parse_config(["-c", str(path)], {}).proxy_networks == [
+        ProxyNetwork(IPv4Network("192.168.50.0/24"))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +314,19 @@ ERRORS: list[tuple[str, str]] = [
     ('[[proxy_network]]\ncidr = "192.168.1.0/24"\nmapped_cidr = "10.1.0.0/16"\n',
      "line 3: [[proxy_network]] mapped_cidr 10.1.0.0/16 must have the prefix length of cidr 192.168.1.0/24 "
      "(/24)"),
+    ('[[proxy_network]]\ncidr = "192.168.1.0/24"\n\nmapped_cidr = "10.1.0.1/24"\n',
+     "line 4: [[proxy_network]] mapped_cidr: '10.1.0.1/24' has host bits set; did you mean 10.1.0.0/24?"),
+    ('[[proxy_network]]\ncidr = "192.168.1.0/24->10.1.0.0/24"\n',
+     "line 2: [[proxy_network]] cidr: '192.168.1.0/24->10.1.0.0/24': in this table the mapped prefix goes in "
+     "its own key, mapped_cidr"),
+    ('[[proxy_network]]\ncidr = "192.168.1.0/24"\nmapped_cidr = "10.1.0.0/24"\n\n'
+     '[[proxy_network]]\ncidr = "192.168.2.0/24"\nmapped_cidr = "10.1.0.0/24"\n',
+     "line 7: [[proxy_network]] mapped_cidr: proxy networks 192.168.1.0/24->10.1.0.0/24 and "
+     "192.168.2.0/24->10.1.0.0/24 export overlapping prefixes (10.1.0.0/24 and 10.1.0.0/24)"),
+    ('proxy_networks = ["10.1.0.0/16"]\n[[proxy_network]]\ncidr = "192.168.1.0/24"\n'
+     'mapped_cidr = "10.1.7.0/24"\n',
+     "line 4: [[proxy_network]] mapped_cidr: proxy networks 10.1.0.0/16 and 192.168.1.0/24->10.1.7.0/24 "
+     "export overlapping prefixes (10.1.0.0/16 and 10.1.7.0/24)"),
     ("[console_logger]\nlevel = \"loud\"\n", "line 2: [console_logger] level: invalid choice 'loud'"),
     ('dhcp = "yes"\n', "line 1: dhcp: expected true or false, got a string"),
     ('exit_nodes = "10.0.0.1"\n', "line 1: exit_nodes: expected an array of strings, got a string"),
@@ -412,7 +424,8 @@ mtu = 1400
     expected = Config(
         network_name="net", network_secret="site-secret", listeners=urls("tcp://0.0.0.0:11011"),
         peers=urls("udp://198.18.0.2:11010", "udp://198.18.0.3:11010"),
-        proxy_networks=[IPv4Network("192.168.50.0/24")], mtu=1400, enable_kcp_proxy=True, config_file=site,
+        proxy_networks=[ProxyNetwork(IPv4Network("192.168.50.0/24"))], mtu=1400, enable_kcp_proxy=True,
+        config_file=site,
     )
     assert parse_config(["-c", str(base), str(site)], {}) == expected
     assert parse_config(["-c", str(base), "-c", str(site)], {}) == expected
@@ -491,7 +504,7 @@ def test_check_config_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         'ipv4 = "10.144.144.1/24"',
         'hostname = "gw-office"',
         'instance_name = "office"',
-        'proxy_networks = ["192.168.50.0/24"]',
+        'proxy_networks = ["192.168.50.0/24", "192.168.1.0/24->10.1.1.0/24"]',
         'listeners = ["tcp://0.0.0.0:11010", "udp://0.0.0.0:11010"]',
         'peers = ["tcp://198.18.0.2:11010", "udp://198.18.0.3:11010"]',
         "peer_timeout = 5.0",
@@ -507,11 +520,10 @@ def test_check_config_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         "use_smoltcp = true",
         'rpc_portal = "127.0.0.1:15888"',
         'console_log_level = "debug"',
-        "# not exported, mapped_cidr is not implemented: 192.168.1.0/24->10.1.1.0/24",
     ]
     assert "s3cret" not in out + err
     warnings = err.splitlines()
-    assert len(warnings) == 8
+    assert len(warnings) == 7
     assert all(w.startswith(f"pytier-core: warning: config file {path} line ") for w in warnings)
     assert "[flags] latency_first = true" in warnings[-1]
 
@@ -540,7 +552,7 @@ def test_check_config_through_the_console_script(tmp_path: Path) -> None:
     assert 'network_name = "env-net"' in ok.stdout.splitlines()
     assert 'network_secret = "***"' in ok.stdout.splitlines()
     assert "s3cret" not in ok.stdout + ok.stderr
-    assert len(ok.stderr.splitlines()) == 8
+    assert len(ok.stderr.splitlines()) == 7
 
     broken = write(tmp_path, FULL.replace("mtu = 1380", 'mtu = "1380"'), "broken.toml")
     bad = subprocess.run([CORE, "--check-config", "-c", str(broken)], capture_output=True, text=True,

@@ -17,8 +17,8 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
-from ipaddress import IPv4Address, IPv4Interface
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 from typing import Any
 
 from pytier.netstack.events import Endpoint
@@ -70,7 +70,9 @@ class ProxyService:
         inbound: list[Transport],
         userspace: bool = False,
         mtu: int = 1360,
+        netmaps: Sequence[tuple[IPv4Network, IPv4Network]] = (),
     ) -> None:
+        """`netmaps`: (real, mapped) prefixes of the subnets this node exports under another prefix."""
         self.own = own
         self._own_ip = own.ip.packed
         self._write_tun = write_tun
@@ -91,6 +93,7 @@ class ProxyService:
         self._mtu = mtu
         self._userspace: UserspaceStack | None = None
         self._us_choice: dict[bytes, tuple[int, Transport, ProxyEntry, int]] = {}
+        self._netmaps = list(netmaps)
         for transport in inbound:
             transport.on_incoming = self._on_incoming
 
@@ -392,9 +395,11 @@ class ProxyService:
         entry = ProxyEntry(f"{data.src.ip}:{data.src.port}", f"{data.dst.ip}:{data.dst.port}", kind,
                            state=EntryState.ConnectingDst, peer_id=incoming.from_peer)
         entry_key = self.entries.add(entry)
+        # The source addressed the subnet as it is exported; the host has its real address.
+        dst = self._real_address(data.dst.ip)
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(str(data.dst.ip), data.dst.port), DST_CONNECT_TIMEOUT_S
+                asyncio.open_connection(str(dst), data.dst.port), DST_CONNECT_TIMEOUT_S
             )
         except (OSError, TimeoutError) as exc:
             log.info("proxy %s -> %s for peer %d: cannot connect (%s)", entry.src, entry.dst,
@@ -410,6 +415,12 @@ class ProxyService:
             await pipe(reader, writer, stream, entry, outbound=False)
         finally:
             self.entries.close(entry_key)
+
+    def _real_address(self, addr: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address:
+        for real, mapped in self._netmaps:
+            if addr in mapped:
+                return real.network_address + (int(addr) - int(mapped.network_address))
+        return addr
 
     def peer_gone(self, peer_id: int) -> None:
         for transport in {id(t): t for t in (*self._outbound, *self._inbound)}.values():
