@@ -226,16 +226,25 @@ def parse_cidr(text: str) -> IPv4Network:
 
 def parse_rpc_portal(text: str) -> tuple[str, int]:
     """HOST:PORT of the management API, or a bare PORT on 127.0.0.1."""
+    return _parse_local_address(text, "127.0.0.1:15888")
+
+
+def parse_metrics_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT of the Prometheus endpoint, or a bare PORT on 127.0.0.1."""
+    return _parse_local_address(text, "127.0.0.1:9110")
+
+
+def _parse_local_address(text: str, example: str) -> tuple[str, int]:
     text = text.strip()
     if text.isdigit():
         return DEFAULT_RPC_PORTAL[0], _parse_port(text, text)
     host, port = split_host_port(text)
     if port is None:
-        raise ValueError(f"{text!r} has no port (expected e.g. 127.0.0.1:15888)")
+        raise ValueError(f"{text!r} has no port (expected e.g. {example})")
     if host == "localhost":
         host = "127.0.0.1"
     if not _is_ip(host):
-        raise ValueError(f"{host!r} in {text!r} is not an IP address (expected e.g. 127.0.0.1:15888)")
+        raise ValueError(f"{host!r} in {text!r} is not an IP address (expected e.g. {example})")
     return ipaddress.ip_address(host).compressed, port
 
 
@@ -327,6 +336,7 @@ class Config:
     use_smoltcp: bool = False
     no_tun: bool = False
     peer_timeout_s: float = 30.0
+    metrics_listen: tuple[str, int] | None = None  # None: no metrics endpoint
     config_file: Path | None = None  # the last --config-file, whose values win
 
 
@@ -412,6 +422,9 @@ _GROUPS: tuple[tuple[str, tuple[_Setting, ...]], ...] = (
     ("management and logging", (
         _Setting("rpc_portal", ("--rpc-portal", "-r"), "value",
                  "management API for pytier-cli (default: 127.0.0.1:15888)", parse_rpc_portal, "HOST:PORT"),
+        _Setting("metrics_listen", ("--metrics-listen",), "value",
+                 "serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+                 parse_metrics_listen, "HOST:PORT"),
         _Setting("console_log_level", ("--console-log-level",), "value",
                  "stderr log level: error, warn, info (default), debug or trace",
                  _choice(LOG_LEVELS, {"warning": "warn"}), "LEVEL"),
@@ -1118,7 +1131,7 @@ def effective_settings(invocation: Invocation) -> list[str]:
             continue
         if s.attr == "network_secret" and value:
             value = "***"
-        elif s.attr == "rpc_portal":
+        elif s.attr in ("rpc_portal", "metrics_listen"):
             host, port = value
             value = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         elif isinstance(value, list):

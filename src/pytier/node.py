@@ -331,17 +331,11 @@ class Node:
             stats["tx_send_errors"] = tx_errors
         if self._tun is not None and self._tun.write_drops:
             stats["tun_write_drops"] = self._tun.write_drops
-        return stats
-
-    def describe_peers(self) -> list[dict[str, Any]]:
-        rows = self.peers.describe_conns()
-        for row in rows:
-            info = self.route.peer_info(int(row["peer_id"]))  # type: ignore[call-overload]
         for name, value in self._udp_socket_stats().items():
             if value:
                 stats[f"udp_{name}"] = value
-            row["ipv4"] = str(info.ipv4_addr) if info is not None and info.ipv4_addr else None
-            row["version"] = info.easytier_version if info is not None else None
+        return stats
+
     def _udp_socket_stats(self) -> dict[str, int]:
         """Batching counters summed over every UDP socket: a listener's socket serves many tunnels."""
         sockets = {id(s): s for s in (getattr(lst, "socket_stats", None) for lst in self._listeners) if s}
@@ -356,6 +350,12 @@ class Node:
                 total[name] = total.get(name, 0) + getattr(s, name)
         return total
 
+    def describe_peers(self) -> list[dict[str, Any]]:
+        rows = self.peers.describe_conns()
+        for row in rows:
+            info = self.route.peer_info(int(row["peer_id"]))  # type: ignore[call-overload]
+            row["ipv4"] = str(info.ipv4_addr) if info is not None and info.ipv4_addr else None
+            row["version"] = info.easytier_version if info is not None else None
         return rows
 
     def describe_routes(self) -> list[dict[str, Any]]:

@@ -133,6 +133,7 @@ EVERY_FLAG: list[tuple[list[str], str, Any]] = [
     (["-r", "0"], "rpc_portal", ("127.0.0.1", 0)),
     (["-r", "[::1]:15888"], "rpc_portal", ("::1", 15888)),
     (["-r", "localhost:15890"], "rpc_portal", ("127.0.0.1", 15890)),
+    (["--metrics-listen", "127.0.0.1:9110"], "metrics_listen", ("127.0.0.1", 9110)),
     (["--hostname", "node-a"], "hostname", "node-a"),
     (["--instance-name", "inst2"], "instance_name", "inst2"),
     (["-m", "inst3"], "instance_name", "inst3"),

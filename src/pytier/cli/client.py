@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from pytier.cli import service
 from pytier.cli.table import render_table
 from pytier.cli.views import VIEWS, ViewError
 from pytier.config import DEFAULT_RPC_PORTAL, HelpFormatter, split_host_port, version
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=description, allow_abbrev=False,
                                   formatter_class=HelpFormatter)
         _add_common(sub, with_defaults=False)
+        if name == "stats":
+            sub.add_argument("format", nargs="?", choices=("prometheus",), metavar="prometheus",
+                             help="print the node's metrics in Prometheus' text format, as --metrics-listen "
+                             "serves them")
+    service.add_parser(commands, HelpFormatter)
     return parser
 
 
@@ -95,15 +101,25 @@ def render(command: str, result: Any, output: str) -> str:
     return render_table(headers, rows)
 
 
+def _prometheus_text(result: Any) -> str:
+    if not isinstance(result, str):
+        raise ViewError("expected Prometheus text")
+    return result.rstrip("\n")
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "service":
+        return service.run(args, PROG)
+    prometheus = getattr(args, "format", None) == "prometheus"
     host, port = args.rpc_portal
     try:
-        result = asyncio.run(call(host, port, args.command, timeout=args.timeout))
+        method = "metrics" if prometheus else args.command
+        result = asyncio.run(call(host, port, method, timeout=args.timeout))
     except MgmtError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     try:
-        text = render(args.command, result, args.output)
+        text = _prometheus_text(result) if prometheus else render(args.command, result, args.output)
     except ViewError as e:
         print(f"{PROG}: error: unexpected reply from pytier-core to {args.command!r}: {e}", file=sys.stderr)
         return 1

@@ -67,6 +67,9 @@ class EntryTable:
         self._entries: dict[int, ProxyEntry] = {}
         self._next = 0
         self._clock = clock
+        # Told each row as it leaves the table, so that totals over all connections (the metrics) can
+        # keep what it carried.
+        self.on_retire: Callable[[dict[str, Any]], None] | None = None
 
     def add(self, entry: ProxyEntry) -> int:
         self._next += 1
@@ -86,7 +89,9 @@ class EntryTable:
         now = self._clock()
         for key in [k for k, e in self._entries.items()
                     if e.closed_at is not None and now - e.closed_at > CLOSED_ROW_LINGER_S]:
-            del self._entries[key]
+            entry = self._entries.pop(key)
+            if self.on_retire is not None:
+                self.on_retire(entry.row())
         return [e.row() for e in self._entries.values()]
 
     def live(self) -> int:
