@@ -18,6 +18,8 @@ from pytier import __version__
 from pytier.config import Config, TunnelUrl
 from pytier.crypto import make_cipher
 from pytier.errors import UserError
+from pytier.mgmt.http import MetricsHttpServer
+from pytier.mgmt.metrics import ProxyTotals, node_families, render
 from pytier.mgmt.server import MgmtServer
 from pytier.peers.handshake import Identity
 from pytier.peers.manager import PeerManager
@@ -88,6 +90,8 @@ class Node:
         self._listeners: list[UdpListener | TcpListener] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._mgmt: MgmtServer | None = None
+        self._metrics_http: MetricsHttpServer | None = None
+        self._proxy_totals = ProxyTotals()
         self.listener_urls: list[str] = []
         self.counters = self.peers.counters
         self.proxy: ProxyService | None = None
@@ -317,7 +321,14 @@ class Node:
             "node": lambda _p: self.describe_node(),
             "proxy": lambda _p: self.proxy.rows() if self.proxy is not None else [],
             "stats": lambda _p: self.describe_stats(),
+            "metrics": lambda _p: self.metrics_text(),
         }
+
+    def metrics_text(self) -> str:
+        """Prometheus' text format of the node's figures (GET /metrics, `pytier-cli stats prometheus`)."""
+        proxy_rows = self.proxy.rows() if self.proxy is not None else None
+        return render(node_families(self.describe_node(), self.describe_stats(), self.describe_peers(),
+                                    proxy_rows, self._proxy_totals))
 
     def describe_stats(self) -> dict[str, int]:
         stats = dict(self.counters)
@@ -399,6 +410,9 @@ class Node:
         host, port = cfg.rpc_portal
         self._mgmt = MgmtServer(self.mgmt_handlers(), host, port)
         await self._mgmt.start()
+        if cfg.metrics_listen is not None:
+            self._metrics_http = MetricsHttpServer(self.metrics_text, *cfg.metrics_listen)
+            await self._metrics_http.start()
         if not cfg.no_tun:
             await self._open_tun()
         for url in cfg.listeners:
@@ -454,6 +468,7 @@ class Node:
             mtu=cfg.mtu,
             netmaps=[(n.cidr, n.mapped) for n in cfg.proxy_networks if n.mapped is not None],
         )
+        self.proxy.entries.on_retire = self._proxy_totals.retire
         await self.proxy.start()
         if outbound:
             self._proxy_hook = self.proxy.on_tun_packet
@@ -477,6 +492,8 @@ class Node:
         self.rpc.close()
         if self._mgmt is not None:
             await self._mgmt.close()
+        if self._metrics_http is not None:
+            await self._metrics_http.close()
         await self._close_tun()
         log.info("node %d stopped", self.peer_id)
 
