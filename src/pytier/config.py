@@ -22,7 +22,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, Literal, NoReturn, cast
 
@@ -31,6 +31,8 @@ from pytier.argtypes import arg_type
 PROG = "pytier-core"
 DEFAULT_TUNNEL_PORT = 11010
 DEFAULT_RPC_PORTAL = ("127.0.0.1", 15888)
+# EasyTier's default: only clients on this host, whatever address the portal is bound to.
+DEFAULT_RPC_PORTAL_WHITELIST = (IPv4Network("127.0.0.0/8"), IPv6Network("::1/128"))
 MTU_MIN = 576
 MTU_MAX = 9000
 DEV_NAME_MAX_LEN = 15  # Linux IFNAMSIZ (16) minus the terminating NUL
@@ -229,6 +231,20 @@ def parse_rpc_portal(text: str) -> tuple[str, int]:
     return _parse_local_address(text, "127.0.0.1:15888")
 
 
+def parse_whitelist_entry(text: str) -> list[IPv4Network | IPv6Network]:
+    """An IPv4 or IPv6 CIDR, or a bare address (one host)."""
+    text = text.strip()
+    try:
+        return [ipaddress.ip_network(text)]
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"invalid address or CIDR {text!r} (expected e.g. 198.18.0.0/15 or ::1)") from None
+    raise ValueError(f"{text!r} has host bits set; did you mean {loose}?")
+
+
 def parse_metrics_listen(text: str) -> tuple[str, int]:
     """HOST:PORT of the Prometheus endpoint, or a bare PORT on 127.0.0.1."""
     return _parse_local_address(text, "127.0.0.1:9110")
@@ -323,6 +339,9 @@ class Config:
     dev_name: str = "pytier0"
     mtu: int = 1360
     rpc_portal: tuple[str, int] = DEFAULT_RPC_PORTAL
+    rpc_portal_whitelist: list[IPv4Network | IPv6Network] = field(
+        default_factory=lambda: list(DEFAULT_RPC_PORTAL_WHITELIST)
+    )
     hostname: str = field(default_factory=socket.gethostname)
     instance_name: str = "default"
     console_log_level: str = "info"
@@ -422,6 +441,9 @@ _GROUPS: tuple[tuple[str, tuple[_Setting, ...]], ...] = (
     ("management and logging", (
         _Setting("rpc_portal", ("--rpc-portal", "-r"), "value",
                  "management API for pytier-cli (default: 127.0.0.1:15888)", parse_rpc_portal, "HOST:PORT"),
+        _Setting("rpc_portal_whitelist", ("--rpc-portal-whitelist",), "list",
+                 "clients the management API answers (default: 127.0.0.0/8,::1/128)",
+                 parse_whitelist_entry, "CIDR"),
         _Setting("metrics_listen", ("--metrics-listen",), "value",
                  "serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
                  parse_metrics_listen, "HOST:PORT"),
@@ -708,7 +730,7 @@ _FLAGS: dict[str, _Known] = {
 }
 
 # Top-level keys of EasyTier's layout that are not also pytier flags (hostname, instance_name, ipv4,
-# listeners and rpc_portal are both, and mean the same in either layout).
+# listeners, rpc_portal and rpc_portal_whitelist are both, and mean the same in either layout).
 _TOP: dict[str, _Known] = {
     "netns": _Known("str"),
     "instance_id": _Known("str"),
@@ -719,7 +741,6 @@ _TOP: dict[str, _Known] = {
     "dhcp": _Known("bool", quiet=(False,)),
     "mapped_listeners": _Known("strs"),
     "exit_nodes": _Known("strs"),
-    "rpc_portal_whitelist": _Known("strs"),
     "vpn_portal_config": _Known("table"),
     "routes": _Known("strs"),
     "socks5_proxy": _Known("str"),

@@ -342,6 +342,10 @@ class Node:
             stats["tx_send_errors"] = tx_errors
         if self._tun is not None and self._tun.write_drops:
             stats["tun_write_drops"] = self._tun.write_drops
+        # What the listeners and the management API dropped or refused, by reason (docs/limits.md).
+        for part in (*self._listeners, self._mgmt):
+            for name, value in getattr(part, "counters", {}).items():
+                stats[name] = stats.get(name, 0) + value
         for name, value in self._udp_socket_stats().items():
             if value:
                 stats[f"udp_{name}"] = value
@@ -408,7 +412,7 @@ class Node:
     async def start(self) -> None:
         cfg = self.config
         host, port = cfg.rpc_portal
-        self._mgmt = MgmtServer(self.mgmt_handlers(), host, port)
+        self._mgmt = MgmtServer(self.mgmt_handlers(), host, port, cfg.rpc_portal_whitelist)
         await self._mgmt.start()
         if cfg.metrics_listen is not None:
             self._metrics_http = MetricsHttpServer(self.metrics_text, *cfg.metrics_listen)

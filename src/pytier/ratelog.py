@@ -50,11 +50,11 @@ class RateLimitedLog:
             return False
         if now - self._window_start >= self.interval_s:
             if self._window_dropped:
-                self._logger.log(level, "%d more log lines about bad input were suppressed in the last %.0f s",
-                                 self._window_dropped, self.interval_s)
+                self._logger.log(level, "%d more log lines about bad input were suppressed in the last "
+                                 "%.0f s", self._window_dropped, self.interval_s)
             self._window_start, self._window_lines, self._window_dropped = now, 0, 0
         if self._window_lines >= self._max_lines:
-            # Over budget: this key has had no line, so its next chance is the next packet, not an interval on.
+            # Over budget: this key had no line, so its next chance is its next packet, not an interval on.
             self._window_dropped += 1
             if entry is not None:
                 entry.suppressed += 1

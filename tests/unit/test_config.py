@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,9 @@ EVERY_FLAG: list[tuple[list[str], str, Any]] = [
     (["-r", "0"], "rpc_portal", ("127.0.0.1", 0)),
     (["-r", "[::1]:15888"], "rpc_portal", ("::1", 15888)),
     (["-r", "localhost:15890"], "rpc_portal", ("127.0.0.1", 15890)),
+    (["--rpc-portal-whitelist", "198.18.0.0/15,::1", "--rpc-portal-whitelist", "127.0.0.1"],
+     "rpc_portal_whitelist",
+     [IPv4Network("198.18.0.0/15"), IPv6Network("::1/128"), IPv4Network("127.0.0.1/32")]),
     (["--metrics-listen", "127.0.0.1:9110"], "metrics_listen", ("127.0.0.1", 9110)),
     (["--hostname", "node-a"], "hostname", "node-a"),
     (["--instance-name", "inst2"], "instance_name", "inst2"),

@@ -244,7 +244,6 @@ TOP_WARNED: list[tuple[str, str]] = [
     ("dhcp", "true"),
     ("mapped_listeners", '["tcp://203.0.113.10:11010"]'),
     ("exit_nodes", '["10.144.144.9"]'),
-    ("rpc_portal_whitelist", '["127.0.0.1/32"]'),
     ("vpn_portal_config", '{ client_cidr = "10.14.14.0/24", wireguard_listen = "0.0.0.0:11013" }'),
     ("routes", '["10.0.0.0/8"]'),
     ("socks5_proxy", '"socks5://0.0.0.0:1080"'),
@@ -519,6 +518,7 @@ def test_check_config_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         "disable_quic_input = true",
         "use_smoltcp = true",
         'rpc_portal = "127.0.0.1:15888"',
+        'rpc_portal_whitelist = ["127.0.0.0/8", "::1/128"]',
         'console_log_level = "debug"',
     ]
     assert "s3cret" not in out + err

@@ -16,7 +16,15 @@ ZERO_DIGEST = bytes(32)
 
 
 class HandshakeError(Exception):
-    """The peer could not be admitted; the message says why in words a user understands."""
+    """The peer could not be admitted; the message says why in words a user understands.
+
+    ``kind`` is a short stable name for the reason (counters and log de-duplication key on it; the
+    message may carry details that differ each time).
+    """
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(slots=True, frozen=True)
@@ -46,7 +54,7 @@ def _decode(packet: bytes) -> HandshakeRequest | None:
     except WireError:
         return None
     if len(req.network_secret_digest) != 32 or req.my_peer_id != from_peer or req.my_peer_id == 0:
-        raise HandshakeError("malformed handshake (bad digest length or peer id)")
+        raise HandshakeError("malformed handshake (bad digest length or peer id)", "malformed")
     return req
 
 
@@ -54,23 +62,28 @@ def check_identity(me: Identity, peer: HandshakeRequest, is_client: bool) -> Non
     if peer.network_name != me.network_name:
         raise HandshakeError(
             f"peer belongs to network {peer.network_name!r}, not {me.network_name!r} "
-            "(pytier does not relay for other networks)"
+            "(pytier does not relay for other networks)", "other_network"
         )
     if peer.my_peer_id == me.peer_id:
-        raise HandshakeError(f"peer id conflict: the peer also uses id {me.peer_id}")
+        raise HandshakeError(f"peer id conflict: the peer also uses id {me.peer_id}", "peer_id_conflict")
     if peer.network_secret_digest == me.digest:
         return
     if is_client and peer.network_secret_digest == ZERO_DIGEST:
-        raise HandshakeError("the peer refused our network secret (network secret mismatch)")
-    raise HandshakeError("network secret mismatch (the peer's secret digest differs from ours)")
+        raise HandshakeError("the peer refused our network secret (network secret mismatch)",
+                             "secret_mismatch")
+    raise HandshakeError("network secret mismatch (the peer's secret digest differs from ours)",
+                         "secret_mismatch")
 
 
-async def _next_handshake(inbox: asyncio.Queue[bytes], deadline: float) -> HandshakeRequest:
+async def _next_handshake(
+    inbox: asyncio.Queue[bytes], deadline: float, *, first: bool = False
+) -> HandshakeRequest:
+    """The next HandShake packet; with ``first``, the next packet must be one."""
     loop = asyncio.get_running_loop()
     while True:
         left = deadline - loop.time()
         if left <= 0:
-            raise HandshakeError(f"no handshake from the peer within {HANDSHAKE_TIMEOUT_S:.0f} s")
+            raise HandshakeError(f"no handshake from the peer within {HANDSHAKE_TIMEOUT_S:.0f} s", "timeout")
         try:
             packet = await asyncio.wait_for(inbox.get(), left)
         except TimeoutError:
@@ -78,6 +91,10 @@ async def _next_handshake(inbox: asyncio.Queue[bytes], deadline: float) -> Hands
         req = _decode(packet)
         if req is not None:
             return req
+        if first:
+            # A connector's first packet is its HandShake (EasyTier's too): anything else is a
+            # scanner or garbage, which need not hold a connection for the whole deadline.
+            raise HandshakeError("the first packet was not a handshake", "not_handshake")
 
 
 async def run_handshake(
@@ -92,7 +109,7 @@ async def run_handshake(
         done, _ = await asyncio.wait({waiter, closer}, return_when=asyncio.FIRST_COMPLETED)
         if waiter in done:
             return waiter.result()
-        raise HandshakeError(f"tunnel closed during the handshake ({tunnel.close_reason})")
+        raise HandshakeError(f"tunnel closed during the handshake ({tunnel.close_reason})", "closed")
     finally:
         waiter.cancel()
         closer.cancel()
@@ -121,7 +138,7 @@ async def _handshake_steps(
         peer = await _client_exchange(tunnel, me, inbox, deadline)
         check_identity(me, peer, is_client=True)
         return peer
-    peer = await _next_handshake(inbox, deadline)
+    peer = await _next_handshake(inbox, deadline, first=True)
     same = peer.network_name == me.network_name and peer.network_secret_digest == me.digest
     tunnel.send(me.request(None if same else ZERO_DIGEST))
     check_identity(me, peer, is_client=False)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pytier.crypto import Cipher, DecryptError, ReplayFilter
 from pytier.peers.handshake import HandshakeError, Identity, run_handshake
 from pytier.peers.peer_conn import PING_INTERVAL_S, PeerConn
+from pytier.ratelog import RateLimitedLog
 from pytier.tunnel.base import Tunnel
 from pytier.wire.errors import WireError
 from pytier.wire.messages import HandshakeRequest
@@ -20,6 +21,14 @@ from pytier.wire.peer_header import HEADER, HEADER_LEN, HeaderFlags, PacketType
 log = logging.getLogger("pytier.peers")
 
 MAX_FORWARD_COUNTER = 7
+# Incoming tunnels still in their handshake: each holds a socket (TCP) and a task for up to the
+# handshake deadline, so a flood of silent or garbage connections must not grow them without bound.
+# A real node opens one or two tunnels at a time from one address.
+MAX_HALF_OPEN_PER_SOURCE = 8
+MAX_HALF_OPEN = 256
+# A reconnect loop with a wrong secret retries forever: remind the user now and then, not each time.
+REFUSAL_LOG_INTERVAL_S = 300.0
+BAD_INPUT_LOG_INTERVAL_S = 60.0
 _ENCRYPTED = int(HeaderFlags.ENCRYPTED)
 _COMPRESSED = int(HeaderFlags.COMPRESSED)
 _PING = int(PacketType.Ping)
@@ -68,7 +77,10 @@ class PeerManager:
         self.on_peer_up: Callable[[int], None] | None = None
         self.on_peer_down: Callable[[int], None] | None = None
         self._tasks: set[asyncio.Task[PeerConn | None]] = set()
-        self._refusals: set[tuple[str, str]] = set()
+        self._refusal_log = RateLimitedLog(log, REFUSAL_LOG_INTERVAL_S)
+        self._bad_input_log = RateLimitedLog(log, BAD_INPUT_LOG_INTERVAL_S)
+        self._half_open: collections.Counter[str] = collections.Counter()
+        self._half_open_total = 0
         self._liveness: asyncio.Task[None] | None = None
 
     def register(self, packet_type: PacketType, handler: PayloadHandler) -> None:
@@ -83,10 +95,39 @@ class PeerManager:
         ``source`` names where the tunnel comes from for de-duplicating refusal warnings (a
         reconnecting peer uses a new port each time); it defaults to ``label``.
         """
+        incoming = not tunnel.info.is_client
+        host = tunnel.info.remote_addr.rsplit(":", 1)[0]
+        if incoming:
+            refusal = self._half_open_refusal(host)
+            if refusal is not None:
+                kind, why = refusal
+                self.counters[f"tunnels_refused_{kind}"] += 1
+                self._refusal_log.log(logging.WARNING, host, kind, "connection %s refused: %s", label, why)
+                tunnel.close(why)
+                done: asyncio.Future[PeerConn | None] = asyncio.get_running_loop().create_future()
+                done.set_result(None)
+                return done
+            self._half_open[host] += 1
+            self._half_open_total += 1
         task = asyncio.ensure_future(self._admit(tunnel, label, source or label))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if incoming:
+            task.add_done_callback(lambda _t: self._half_open_done(host))
         return task
+
+    def _half_open_refusal(self, host: str) -> tuple[str, str] | None:
+        if self._half_open[host] >= MAX_HALF_OPEN_PER_SOURCE:
+            return "half_open_per_source", f"{MAX_HALF_OPEN_PER_SOURCE} handshakes from {host} in progress"
+        if self._half_open_total >= MAX_HALF_OPEN:
+            return "half_open_total", f"{MAX_HALF_OPEN} handshakes in progress"
+        return None
+
+    def _half_open_done(self, host: str) -> None:
+        self._half_open_total -= 1
+        self._half_open[host] -= 1
+        if self._half_open[host] <= 0:
+            del self._half_open[host]
 
     async def _admit(self, tunnel: Tunnel, label: str, source: str) -> PeerConn | None:
         inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
@@ -100,7 +141,8 @@ class PeerManager:
         try:
             peer = await run_handshake(tunnel, self.identity, closed, inbox)
         except HandshakeError as exc:
-            self._log_refusal(label, source, str(exc))
+            self.counters[f"handshake_failed_{exc.kind}"] += 1
+            self._log_refusal(label, source, exc)
             tunnel.close(f"handshake failed: {exc}")
             return None
         except asyncio.CancelledError:
@@ -113,14 +155,10 @@ class PeerManager:
             self._on_tunnel_packet(tunnel, inbox.get_nowait())
         return conn
 
-    def _log_refusal(self, label: str, source: str, reason: str) -> None:
-        # A reconnect loop retries forever; say each distinct reason once at warning level.
-        key = (source, reason)
-        if key in self._refusals:
-            log.debug("connection %s refused again: %s", label, reason)
-            return
-        self._refusals.add(key)
-        log.warning("connection %s refused: %s", label, reason)
+    def _log_refusal(self, label: str, source: str, exc: HandshakeError) -> None:
+        if not self._refusal_log.log(logging.WARNING, source, exc.kind, "connection %s refused: %s",
+                                     label, exc):
+            log.debug("connection %s refused again: %s", label, exc)
 
     def _attach(self, conn: PeerConn, peer: HandshakeRequest) -> None:
         tunnel = conn.tunnel
@@ -213,9 +251,15 @@ class PeerManager:
         try:
             req = HandshakeRequest.decode(packet[HEADER_LEN:])
         except WireError:
+            req = None
+        if req is None or req.my_peer_id != conn.peer_id:
+            self.counters["rx_dropped_bad_handshake"] += 1
+            remote = conn.tunnel.info.remote_addr
+            self._bad_input_log.log(logging.INFO, remote, "bad_handshake",
+                                    "dropped a handshake from %s that does not match peer %d of that link",
+                                    remote, conn.peer_id)
             return
-        if req.my_peer_id == conn.peer_id:
-            conn.tunnel.send(self.identity.request())
+        conn.tunnel.send(self.identity.request())
 
     def _deliver_local(self, from_peer: int, ptype: int, flags: int, packet: bytes) -> None:
         handler = self._handlers.get(ptype)

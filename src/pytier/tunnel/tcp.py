@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 from collections.abc import Callable
@@ -24,10 +25,11 @@ def _fmt(addr: tuple[str, int] | tuple[str, int, int, int] | None) -> str:
 
 
 class _TcpTunnel(Tunnel, asyncio.Protocol):
-    def __init__(self, is_client: bool, local: str = "") -> None:
-        Tunnel.__init__(self, TunnelInfo("tcp", local, "?", is_client))
+    def __init__(self, is_client: bool, listener: TcpListener | None = None) -> None:
+        Tunnel.__init__(self, TunnelInfo("tcp", "", "?", is_client))
         self._decoder = TcpFrameDecoder()
         self._transport: asyncio.Transport | None = None
+        self._listener = listener
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -44,6 +46,9 @@ class _TcpTunnel(Tunnel, asyncio.Protocol):
         except WireError as exc:
             # EasyTier ends the connection on a bad length; the stream cannot be resynchronised.
             self.stats.rx_malformed += 1
+            if self._listener is not None:
+                # The peer layer logs the close (rate-limited); here it is counted.
+                self._listener.counters["rx_dropped_tcp_bad_frame"] += 1
             self.close(f"bad frame: {exc}")
             return
         for frame in frames:
@@ -74,25 +79,30 @@ class _TcpTunnel(Tunnel, asyncio.Protocol):
 
 
 class TcpListener:
-    def __init__(self, server: asyncio.Server, local_addr: str) -> None:
-        self._server = server
-        self.local_addr = local_addr
+    """Accepts tunnels; the peer layer bounds how many may be in their handshake and for how long."""
+
+    def __init__(self) -> None:
+        self._server: asyncio.Server | None = None
+        self.local_addr = ""
+        self.counters: collections.Counter[str] = collections.Counter()
 
     @classmethod
     async def start(cls, host: str, port: int, on_tunnel: Callable[[Tunnel], None]) -> TcpListener:
         loop = asyncio.get_running_loop()
+        listener = cls()
 
         def factory() -> _TcpTunnel:
-            tun = _TcpTunnel(is_client=False)
+            tun = _TcpTunnel(is_client=False, listener=listener)
             loop.call_soon(on_tunnel, tun)
             return tun
 
-        server = await loop.create_server(factory, host, port, reuse_address=True)
-        sock = server.sockets[0]
-        return cls(server, _fmt(sock.getsockname()))
+        listener._server = await loop.create_server(factory, host, port, reuse_address=True)
+        listener.local_addr = _fmt(listener._server.sockets[0].getsockname())
+        return listener
 
     def close(self) -> None:
-        self._server.close()
+        if self._server is not None:
+            self._server.close()
 
 
 async def connect_tcp(host: str, port: int, timeout_s: float = 5.0) -> Tunnel:

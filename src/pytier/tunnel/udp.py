@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import logging
 import os
 import secrets
 import socket
 import struct
 from collections.abc import Callable
 
+from pytier.ratelog import RateLimitedLog
 from pytier.tunnel.base import Tunnel, TunnelInfo, log
 from pytier.tunnel.udp_socket import SocketStats, UdpSocket
 from pytier.wire.errors import WireError
@@ -82,6 +85,9 @@ class UdpListener:
         self._syn_magic: dict[tuple[str, int], bytes] = {}
         self.local_addr = ""
         self.rx_malformed = 0
+        # Dropped datagrams by reason (rx_dropped_udp_*, docs/limits.md); their log lines are rate-limited.
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._bad_input_log = RateLimitedLog(log)
 
     @classmethod
     async def start(cls, host: str, port: int, on_tunnel: Callable[[Tunnel], None],
@@ -113,8 +119,11 @@ class UdpListener:
         if len(data) >= 8 and data[4] == _DATA:
             tun = self._tunnels.get(addr)
             conn_id, _, _, length = _UDP_HDR.unpack_from(data)
-            if tun is None or tun.conn_id != conn_id or length != len(data) - 8:
-                self.rx_malformed += 1
+            if tun is None or tun.conn_id != conn_id:
+                self._drop("unknown_conn", addr)
+                return
+            if length != len(data) - 8:
+                self._drop("bad_length", addr)
                 return
             tun.deliver(bytes(data[8:]))
             return
@@ -123,12 +132,18 @@ class UdpListener:
             conn_id, msg_type, body = parse_udp(raw)
         except WireError:
             if not is_stun(raw):
-                self.rx_malformed += 1
+                self._drop("garbage", addr)
             return
         if msg_type == UdpMsgType.Syn and len(body) == 8:
             self._on_syn(conn_id, bytes(body), addr)
         else:
-            self.rx_malformed += 1
+            self._drop("unexpected_type", addr)
+
+    def _drop(self, reason: str, addr: tuple[str, int]) -> None:
+        self.rx_malformed += 1
+        self.counters["rx_dropped_udp_" + reason] += 1
+        self._bad_input_log.log(logging.INFO, addr[0], reason, "udp listener %s: dropped a datagram from %s "
+                                "(%s)", self.local_addr, _fmt(addr), reason.replace("_", " "))
 
     def _on_syn(self, conn_id: int, magic: bytes, addr: tuple[str, int]) -> None:
         usock = self._sock
