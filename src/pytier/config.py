@@ -36,6 +36,7 @@ DEFAULT_RPC_PORTAL_WHITELIST = (IPv4Network("127.0.0.0/8"), IPv6Network("::1/128
 MTU_MIN = 576
 MTU_MAX = 9000
 DEV_NAME_MAX_LEN = 15  # Linux IFNAMSIZ (16) minus the terminating NUL
+DEFAULT_STATE_DIR = Path("/run/pytier")
 LOG_LEVELS = ("error", "warn", "info", "debug", "trace")
 ENCRYPTION_ALGORITHMS = ("aes-gcm", "aes-256-gcm", "chacha20", "xor")
 SCHEMES = ("udp", "tcp")
@@ -284,6 +285,12 @@ def parse_dev_name(text: str) -> str:
     return text
 
 
+def parse_state_dir(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("the state directory cannot be empty")
+    return Path(text)
+
+
 def parse_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -354,6 +361,7 @@ class Config:
     disable_quic_input: bool = False
     use_smoltcp: bool = False
     no_tun: bool = False
+    state_dir: Path = DEFAULT_STATE_DIR
     peer_timeout_s: float = 30.0
     metrics_listen: tuple[str, int] | None = None  # None: no metrics endpoint
     config_file: Path | None = None  # the last --config-file, whose values win
@@ -424,6 +432,9 @@ _GROUPS: tuple[tuple[str, tuple[_Setting, ...]], ...] = (
                  f"MTU of the TUN device, {MTU_MIN}..{MTU_MAX} (default: 1360)", parse_mtu, "BYTES"),
         _Setting("no_tun", ("--no-tun",), "value",
                  "run without a TUN device", parse_bool),
+        _Setting("state_dir", ("--state-dir",), "value",
+                 f"where to note host changes, undone after a crash (default: {DEFAULT_STATE_DIR})",
+                 parse_state_dir, "DIR"),
     )),
     ("TCP proxy", (
         _Setting("enable_kcp_proxy", ("--enable-kcp-proxy",), "value",

@@ -29,7 +29,8 @@ from pytier.proxy import kcp, quic
 from pytier.proxy.service import ProxyService
 from pytier.proxy.transport import Transport
 from pytier.tun.device import TunDevice
-from pytier.tun.forwarding import SubnetForwarding
+from pytier.tun.forwarding import IP_FORWARD, SubnetForwarding
+from pytier.tun.leftovers import HostState, StateError
 from pytier.tun.netlink import LinkConfig
 from pytier.tunnel.base import Tunnel
 from pytier.tunnel.tcp import TcpListener, connect_tcp
@@ -84,6 +85,7 @@ class Node:
         self._link: LinkConfig | None = None
         self._tun_routes: set[ipaddress.IPv4Network] = set()
         self._forwarding: SubnetForwarding | None = None
+        self._host_state: HostState | None = None
         # pyroute2's IPRoute runs an event loop of its own, so it cannot be called from ours: every
         # netlink call goes through this one thread, in order.
         self._netlink = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
@@ -197,6 +199,9 @@ class Node:
     def _apply_routes(self, link: LinkConfig, gone: set[ipaddress.IPv4Network],
                       new: set[ipaddress.IPv4Network]) -> None:
         dev = link.ifname
+        state = self._host_state
+        if state is not None and new:
+            state.adding_routes(new)
         for net in sorted(gone):
             try:
                 link.remove_route(net)
@@ -209,6 +214,8 @@ class Node:
                 log.info("route %s via %s added (proxied by a peer)", net, dev)
             except OSError as exc:
                 log.warning("cannot add route %s via %s: %s", net, dev, exc)
+        if state is not None and gone:
+            state.routes_removed(gone)
 
     def _on_conflict(self, message: str) -> None:
         log.error("%s", message)
@@ -262,13 +269,27 @@ class Node:
 
     # ---- TUN --------------------------------------------------------------------------------
 
+    async def _claim_host_state(self) -> None:
+        """Undo what a crashed node of this instance left on the host, and record our own changes."""
+        cfg = self.config
+        try:
+            self._host_state = await asyncio.get_running_loop().run_in_executor(
+                self._netlink, HostState.claim, cfg.state_dir, cfg.instance_name)
+        except StateError as exc:
+            raise UserError(str(exc)) from exc
+
     async def _open_tun(self) -> None:
         cfg = self.config
+        state = self._host_state
+        if state is not None:
+            state.opening_tun(cfg.dev_name)
         try:
             tun = TunDevice.open(cfg.dev_name)
         except OSError as exc:
             raise UserError(str(exc)) from exc
         self._tun = tun
+        if state is not None:
+            state.tun_opened(tun.name)
         loop = asyncio.get_running_loop()
 
         def configure() -> LinkConfig:
@@ -289,6 +310,9 @@ class Node:
                 f"pytier_{tun.name}", tun.name, cfg.ipv4.network,
                 list(dict.fromkeys(n.cidr for n in cfg.proxy_networks)),
                 [(n.cidr, n.mapped) for n in cfg.proxy_networks if n.mapped is not None])
+            if state is not None:
+                state.adding_nft_table("ip", forwarding.table)
+                state.setting_sysctl(IP_FORWARD, "1")
             try:
                 forwarding.open()
             except OSError as exc:
@@ -311,6 +335,9 @@ class Node:
             tun.close()
             log.info("TUN device %s removed", tun.name)
         self._netlink.shutdown(wait=True)
+        if self._host_state is not None:
+            self._host_state.release()
+            self._host_state = None
 
     # ---- management -------------------------------------------------------------------------
 
@@ -411,6 +438,8 @@ class Node:
 
     async def start(self) -> None:
         cfg = self.config
+        if not cfg.no_tun:
+            await self._claim_host_state()
         host, port = cfg.rpc_portal
         self._mgmt = MgmtServer(self.mgmt_handlers(), host, port, cfg.rpc_portal_whitelist)
         await self._mgmt.start()

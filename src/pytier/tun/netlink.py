@@ -10,12 +10,25 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from pytier.tun.device import TunError
 
-__all__ = ["LinkConfig"]
+__all__ = ["LinkConfig", "link_kind"]
 
 # "Already there" and "already gone" answers: the wanted state holds, so they are not errors. ENODEV
 # covers a device that vanished because its TUN fd was closed first, taking its routes with it.
 _ALREADY_THERE = frozenset({errno.EEXIST})
 _ALREADY_GONE = frozenset({errno.ESRCH, errno.ENOENT, errno.EADDRNOTAVAIL, errno.ENODEV})
+_RT_SCOPE_NOWHERE = 255  # in a delete request: a route of any scope
+
+
+def link_kind(ifname: str) -> str | None:
+    """The kind of interface `ifname` is ("tun", "veth", ...; "" when the kernel names none), or None
+    if there is no such interface."""
+    with IPRoute() as ipr:
+        links = ipr.get_links(ifname=ifname) if ipr.link_lookup(ifname=ifname) else []
+        if not links:
+            return None
+        info = links[0].get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        return str(kind or "")
 
 
 class LinkConfig:
@@ -93,7 +106,9 @@ class LinkConfig:
         if (net, metric) in self._routes:
             self._routes.remove((net, metric))
         try:
-            self._ipr.route("del", **self._route_spec(net, metric))
+            # Any scope: pyroute2 would ask for "universe" only, and miss the same route added as
+            # "link" (as `ip route add NET dev DEV` does).
+            self._ipr.route("del", scope=_RT_SCOPE_NOWHERE, **self._route_spec(net, metric))
         except NetlinkError as exc:
             if exc.code in _ALREADY_GONE:
                 return False
