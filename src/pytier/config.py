@@ -361,6 +361,7 @@ class Config:
     disable_quic_input: bool = False
     use_smoltcp: bool = False
     no_tun: bool = False
+    disable_udp_offload: bool = False
     state_dir: Path = DEFAULT_STATE_DIR
     peer_timeout_s: float = 30.0
     metrics_listen: tuple[str, int] | None = None  # None: no metrics endpoint
@@ -432,6 +433,9 @@ _GROUPS: tuple[tuple[str, tuple[_Setting, ...]], ...] = (
                  f"MTU of the TUN device, {MTU_MIN}..{MTU_MAX} (default: 1360)", parse_mtu, "BYTES"),
         _Setting("no_tun", ("--no-tun",), "value",
                  "run without a TUN device", parse_bool),
+        _Setting("disable_udp_offload", ("--disable-udp-offload",), "value",
+                 "one datagram per syscall on udp tunnels: no UDP GSO on send, no GRO on receive "
+                 "(default: batch where the kernel can)", parse_bool),
         _Setting("state_dir", ("--state-dir",), "value",
                  f"where to note host changes, undone after a crash (default: {DEFAULT_STATE_DIR})",
                  parse_state_dir, "DIR"),

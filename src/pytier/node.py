@@ -231,8 +231,8 @@ class Node:
     async def _start_listener(self, url: TunnelUrl) -> None:
         try:
             if url.scheme == "udp":
-                lst: UdpListener | TcpListener = await UdpListener.start(url.host, url.port,
-                                                                         self._on_incoming_tunnel)
+                lst: UdpListener | TcpListener = await UdpListener.start(
+                    url.host, url.port, self._on_incoming_tunnel, offload=not self.config.disable_udp_offload)
             else:
                 lst = await TcpListener.start(url.host, url.port, self._on_incoming_tunnel)
         except OSError as exc:
@@ -249,7 +249,8 @@ class Node:
             started = time.monotonic()
             try:
                 if url.scheme == "udp":
-                    tunnel = await connect_udp(url.host, url.port)
+                    offload = not self.config.disable_udp_offload
+                    tunnel = await connect_udp(url.host, url.port, offload=offload)
                 else:
                     tunnel = await connect_tcp(url.host, url.port)
             except (OSError, TimeoutError) as exc:
