@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
-debs=(python3 python3-venv python3-pip iproute2 nftables iperf3 kcptun ethtool iputils-ping procps kmod)
+debs=(python3 python3-venv python3-pip iproute2 nftables iperf3 kcptun ethtool iputils-ping procps kmod systemd)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
