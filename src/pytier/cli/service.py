@@ -193,6 +193,10 @@ def _checked_config(source: Path, dest: Path) -> str:
 
 def install(t: _Target, args: argparse.Namespace) -> int:
     core = find_core()
+    if re.search(r"[\s\"'\\%$;]", str(core)):
+        # systemd would split, unquote or expand these in ExecStart.
+        raise ServiceError(f"{core}: a unit cannot run a program whose path has spaces, quotes, '\\', "
+                           "'%', '$' or ';' in it; install pytier somewhere else")
     config_text = _checked_config(args.config, t.config) if args.config is not None else None
     if t.unit.exists() and not t.unit.read_text().startswith(MARKER):
         raise ServiceError(f"{t.unit} exists and was not written by pytier-cli: remove it first")
