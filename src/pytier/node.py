@@ -13,17 +13,20 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from dataclasses import dataclass
 
-from pytier import __version__
-from pytier.config import Config, TunnelUrl
+from pytier import __version__, logs
+from pytier.config import Config, TunnelUrl, parse_peer
 from pytier.crypto import make_cipher
 from pytier.errors import UserError
 from pytier.mgmt.http import MetricsHttpServer
 from pytier.mgmt.metrics import ProxyTotals, node_families, render
 from pytier.mgmt.server import MgmtServer
+from pytier.mgmt.protocol import MgmtError
 from pytier.peers.handshake import Identity
 from pytier.peers.manager import PeerManager
 from pytier.peers.route import RouteService
+from pytier.peers.peer_conn import PeerConn
 from pytier.peers.rpc import PeerRpc
 from pytier.proxy import kcp, quic
 from pytier.proxy.service import ProxyService
@@ -49,6 +52,25 @@ RECONNECT_MAX_S = 30.0
 
 
 class Node:
+@dataclass
+class Connector:
+    """A peer URL the node keeps a connection to (from --peers, or added with `pytier-cli connector add`)."""
+
+    url: TunnelUrl
+    task: asyncio.Task[None] | None = None
+    conn: PeerConn | None = None
+    last_error: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        conn = self.conn if self.conn is not None and not self.conn.closed.is_set() else None
+        return {
+            "url": str(self.url),
+            "state": "connected" if conn is not None else "connecting",
+            "peer_id": conn.peer_id if conn is not None else None,
+            "last_error": self.last_error or None,
+        }
+
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.peer_id = secrets.randbits(32) or 1
@@ -93,6 +115,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._mgmt: MgmtServer | None = None
         self._metrics_http: MetricsHttpServer | None = None
+        self._connectors: dict[str, Connector] = {}
         self._proxy_totals = ProxyTotals()
         self.listener_urls: list[str] = []
         self.counters = self.peers.counters
@@ -220,6 +243,7 @@ class Node:
     def _on_conflict(self, message: str) -> None:
         log.error("%s", message)
         self.counters["ipv4_conflicts"] += 1
+        url = connector.url
 
     # ---- tunnels --------------------------------------------------------------------------
 
@@ -241,10 +265,9 @@ class Node:
         self.listener_urls.append(f"{url.scheme}://{lst.local_addr}")
         log.info("listening on %s://%s", url.scheme, lst.local_addr)
 
-    async def _keep_connected(self, url: TunnelUrl) -> None:
+    async def _keep_connected(self, connector: Connector) -> None:
         """Connect to a configured peer and reconnect, with back-off, whenever the link ends."""
         delay = RECONNECT_MIN_S
-        last_error = ""
         while True:
             started = time.monotonic()
             try:
@@ -255,13 +278,14 @@ class Node:
                     tunnel = await connect_tcp(url.host, url.port)
             except (OSError, TimeoutError) as exc:
                 msg = str(exc) or type(exc).__name__
-                if msg != last_error:
+                if msg != connector.last_error:
                     log.warning("cannot connect to %s: %s (retrying)", url, msg)
-                    last_error = msg
+                    connector.last_error = msg
             else:
                 conn = await self.peers.add_tunnel(tunnel, f"to {url}")
                 if conn is not None:
-                    last_error = ""
+                    connector.last_error = ""
+                    connector.conn = conn
                     await conn.closed.wait()
             if time.monotonic() - started > 60:
                 delay = RECONNECT_MIN_S
@@ -301,6 +325,7 @@ class Node:
             return link
 
         try:
+                    connector.conn = None
             self._link = await loop.run_in_executor(self._netlink, configure)
         except OSError as exc:
             raise UserError(f"cannot configure TUN device {tun.name}: {exc}") from exc
@@ -388,6 +413,12 @@ class Node:
                 if s is not None:
                     sockets[id(s)] = s
         total: dict[str, int] = {}
+            "peer_center": lambda _p: self.describe_peer_center(),
+            "connector_list": lambda _p: [c.describe() for c in self._connectors.values()],
+            "connector_add": lambda p: self.add_connector(p.get("url")),
+            "connector_remove": lambda p: self.remove_connector(p.get("url")),
+            "logger_get": lambda _p: self._logs().levels(),
+            "logger_set": lambda p: self.set_log_level(p.get("level")),
         for s in sockets.values():
             for name in ("rx_syscalls", "rx_gro_batches", "tx_syscalls", "tx_gso_sends", "tx_dropped_full"):
                 total[name] = total.get(name, 0) + getattr(s, name)
@@ -441,8 +472,103 @@ class Node:
         cfg = self.config
         if not cfg.no_tun:
             await self._claim_host_state()
+            row["cost"] = 1  # a direct link: EasyTier's "p2p"
         host, port = cfg.rpc_portal
         self._mgmt = MgmtServer(self.mgmt_handlers(), host, port, cfg.rpc_portal_whitelist)
+    # ---- run-time changes (pytier-cli connector, logger) -----------------------------------------
+
+    def _start_connector(self, url: TunnelUrl) -> Connector:
+        connector = Connector(url)
+        connector.task = asyncio.ensure_future(self._keep_connected(connector))
+        self._connectors[str(url)] = connector
+        return connector
+
+    @staticmethod
+    def _peer_url(text: Any) -> TunnelUrl:
+        if not isinstance(text, str):
+            raise MgmtError('expected a peer URL in "url", e.g. tcp://198.18.0.2:11010')
+        try:
+            [url] = parse_peer(text)
+        except ValueError as e:
+            raise MgmtError(str(e)) from None
+        return url
+
+    def add_connector(self, text: Any) -> dict[str, Any]:
+        url = self._peer_url(text)
+        if str(url) in self._connectors:
+            raise MgmtError(f"connector {url} is already present")
+        connector = self._start_connector(url)
+        log.info("connector %s added", url)
+        return connector.describe()
+
+    def remove_connector(self, text: Any) -> dict[str, Any]:
+        url = self._peer_url(text)
+        connector = self._connectors.pop(str(url), None)
+        if connector is None:
+            raise MgmtError(f"connector {url} is not present (see pytier-cli connector list)")
+        row = connector.describe()
+        if connector.task is not None:
+            connector.task.cancel()
+        if connector.conn is not None:
+            connector.conn.tunnel.close("connector removed")
+        log.info("connector %s removed", url)
+        return row
+
+    @staticmethod
+    def _logs() -> logs.Logs:
+        current = logs.active()
+        if current is None:
+            raise MgmtError("this node's logging was not set up by pytier-core")
+        return current
+
+    def set_log_level(self, level: Any) -> dict[str, str | None]:
+        current = self._logs()
+        try:
+            name = logs.level_name(level if isinstance(level, str) else "")
+        except ValueError as e:
+            raise MgmtError(str(e)) from None
+        where = "stderr and the log file" if current.file_log is not None else "stderr"
+        # Said where the log still shows it: before a change that hides info lines, after one that shows them.
+        if logs.LEVELS[name] > logging.INFO:
+            log.info("log level of %s set to %s", where, name)
+        levels = current.set_level(name)
+        if logs.LEVELS[name] <= logging.INFO:
+            log.info("log level of %s set to %s", where, name)
+        return levels
+
+    # ---- descriptions -----------------------------------------------------------------------
+
+    def _latency_ms(self, peer_id: int | None) -> float | None:
+        """Our smoothed round trip to a direct peer, over its fastest link."""
+        rtts = [c.rtt_s for c in self.peers.conns.get(peer_id, []) if c.rtt_s is not None] if peer_id else []
+        return round(min(rtts) * 1000, 2) if rtts else None
+
+    def describe_peer_center(self) -> list[dict[str, Any]]:
+        """Every reachable node with its direct peers, as route sync reported them; latency only for
+        this node's own links (route sync carries no latency)."""
+        conns = self.route.core.peer_map()
+        rows = []
+        for peer_id in sorted({self.peer_id, *self.route.reachable_peers()}):
+            info = self.route.peer_info(peer_id)
+            mine = peer_id == self.peer_id
+            rows.append({
+                "peer_id": peer_id,
+                "hostname": self._hostname_of(peer_id),
+                "ipv4": str(info.ipv4_addr) if info is not None and info.ipv4_addr else None,
+                "direct_peers": [
+                    {"peer_id": p, "hostname": self._hostname_of(p),
+                     "latency_ms": self._latency_ms(p) if mine else None}
+                    for p in sorted(conns.get(peer_id, ()))
+                ],
+            })
+        return rows
+
+    def _hostname_of(self, peer_id: int) -> str | None:
+        if peer_id == self.peer_id:
+            return self.config.hostname
+        info = self.route.peer_info(peer_id)
+        return info.hostname if info is not None else None
+
         await self._mgmt.start()
         if cfg.metrics_listen is not None:
             self._metrics_http = MetricsHttpServer(self.metrics_text, *cfg.metrics_listen)
@@ -453,9 +579,13 @@ class Node:
             await self._start_listener(url)
         self.peers.start()
         await self._start_proxy()
+                "next_hop_ipv4": str(hop_info.ipv4_addr) if hop_info and hop_info.ipv4_addr else None,
+                "next_hop_latency_ms": self._latency_ms(e.next_hop),
         await self.route.start()
+                # Route sync carries no latencies: a path's is known only when it is our own link.
+                "path_latency_ms": self._latency_ms(e.peer_id) if e.cost == 1 else None,
         for url in cfg.peers:
-            self._tasks.append(asyncio.ensure_future(self._keep_connected(url)))
+            self._start_connector(url)
         log.info(
             "node %d up: network %r, ipv4 %s, peers %s",
             self.peer_id, cfg.network_name, cfg.ipv4 or "none",
@@ -540,3 +670,6 @@ async def run_node(config: Config) -> int:
     finally:
         await node.stop()
     return 0
+        for connector in self._connectors.values():
+            if connector.task is not None:
+                connector.task.cancel()

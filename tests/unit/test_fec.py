@@ -224,11 +224,11 @@ def test_encoder_refuses_what_it_cannot_carry() -> None:
     enc = FecEncoder(None)
     with pytest.raises(ValueError, match="FEC is off"):
         enc.push(b"x", 0.0)
-    enc.set_params(FecParams(2, 1), 0.0)
+    enc.set_params(FecParams(2, 1))
     with pytest.raises(ValueError, match="exceeds"):
         enc.push(bytes(70000), 0.0)
     enc.push(b"open", 0.0)
-    closing = enc.set_params(None, 0.001)  # switching off still protects the open block
+    closing = enc.set_params(None)  # switching off still protects the open block
     assert [parse_frame(f)[0].kind for f in closing] == [FrameKind.PARITY]
 
 

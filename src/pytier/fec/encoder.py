@@ -70,7 +70,7 @@ class FecEncoder:
         """The current shape; None means FEC is off and the caller sends packets unframed."""
         return self._params
 
-    def set_params(self, params: FecParams | None, now: float) -> list[bytes]:
+    def set_params(self, params: FecParams | None) -> list[bytes]:
         """Switch shape (None: off); returns the parity of the block the old shape had open."""
         out = self._close() if params != self._params else []
         self._params = params
