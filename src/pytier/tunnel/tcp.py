@@ -15,6 +15,9 @@ from pytier.wire.tunnel_frame import TcpFrameDecoder, encode_tcp_frame
 
 # A peer that stops reading must not make us hold its packets without bound: past this, drop.
 MAX_WRITE_BUFFER_BYTES = 2 * 1024 * 1024
+# asyncio's default of 100 overflows under a connection flood, and then a real peer's SYN waits for
+# its 1 s retransmission; the peer layer closes the surplus at once, so a deep queue costs little.
+ACCEPT_BACKLOG = 1024
 
 
 def _fmt(addr: tuple[str, int] | tuple[str, int, int, int] | None) -> str:
@@ -39,6 +42,10 @@ class _TcpTunnel(Tunnel, asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.info.remote_addr = _fmt(transport.get_extra_info("peername"))
         self.info.local_addr = _fmt(transport.get_extra_info("sockname"))
+        if self._listener is not None:
+            # Only now does the tunnel know its peer's address (the per-source bound keys on it)
+            # and have a transport that closing it can end.
+            self._listener.on_tunnel(self)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -81,7 +88,8 @@ class _TcpTunnel(Tunnel, asyncio.Protocol):
 class TcpListener:
     """Accepts tunnels; the peer layer bounds how many may be in their handshake and for how long."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_tunnel: Callable[[Tunnel], None]) -> None:
+        self.on_tunnel = on_tunnel
         self._server: asyncio.Server | None = None
         self.local_addr = ""
         self.counters: collections.Counter[str] = collections.Counter()
@@ -89,14 +97,9 @@ class TcpListener:
     @classmethod
     async def start(cls, host: str, port: int, on_tunnel: Callable[[Tunnel], None]) -> TcpListener:
         loop = asyncio.get_running_loop()
-        listener = cls()
-
-        def factory() -> _TcpTunnel:
-            tun = _TcpTunnel(is_client=False, listener=listener)
-            loop.call_soon(on_tunnel, tun)
-            return tun
-
-        listener._server = await loop.create_server(factory, host, port, reuse_address=True)
+        listener = cls(on_tunnel)
+        listener._server = await loop.create_server(lambda: _TcpTunnel(is_client=False, listener=listener),
+                                                    host, port, reuse_address=True, backlog=ACCEPT_BACKLOG)
         listener.local_addr = _fmt(listener._server.sockets[0].getsockname())
         return listener
 
