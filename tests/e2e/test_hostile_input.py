@@ -7,16 +7,18 @@ they carry B's own addresses and port and reach the tunnel that A keyed to B.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import socket
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 from pytier.testbed.netns import Netns, Testbed
-from pytier.testbed.nodes import PytierNode, wait_for
+from pytier.testbed.nodes import BIN, PytierNode, wait_for
 from pytier.testbed.ping import PingResult, ping
 
 NET = ["--network-name", "demo", "--network-secret", "s3"]
@@ -371,3 +373,52 @@ def test_tcp_listener_under_connection_flood(testbed: Testbed) -> None:
     assert na.proc.poll() is None
     refusals = [line for line in na.log().splitlines() if "refused" in line and " WARN " in line]
     assert 1 <= len(refusals) <= len(HANDSHAKE_OUTCOMES), refusals
+
+
+# ---- the management portal ----------------------------------------------------------------------
+
+def test_portal_whitelist_refuses_other_sources(testbed: Testbed) -> None:
+    """A portal bound to every address answers only its whitelist: the default (loopback) on B, an
+    explicit list on A; a flood of refused connections leaves A answering the rest."""
+    a, b, c = testbed.netns("a"), testbed.netns("b"), testbed.netns("c")
+    testbed.veth(a, b, "198.18.1.1/24", "198.18.1.2/24")
+    testbed.veth(a, c, "198.18.2.1/24", "198.18.2.2/24")
+    na = PytierNode(testbed, a, [*NET, "--no-tun", "--no-listener", "-r", "0.0.0.0:15888",
+                                 "--rpc-portal-whitelist", "198.18.1.2,127.0.0.1"], name="node-a").start()
+    nb = PytierNode(testbed, b, [*NET, "--no-tun", "--no-listener", "-r", "0.0.0.0:15888"],
+                    name="node-b").start()
+
+    def cli(ns: Netns, portal: str) -> subprocess.CompletedProcess[str]:
+        return ns.run([str(BIN / "pytier-cli"), "-p", portal, "-o", "json", "node"], check=False)
+
+    assert na.cli("node")["hostname"] == "node-a"  # loopback, listed
+    assert nb.cli("node")["hostname"] == "node-b"  # loopback, the default whitelist
+    assert json.loads(cli(b, "198.18.1.1:15888").stdout)["hostname"] == "node-a"
+    refused = cli(c, "198.18.2.1:15888")
+    assert refused.returncode != 0
+    assert "198.18.2.2 is not in the rpc portal whitelist (--rpc-portal-whitelist)" in refused.stderr
+    refused = cli(a, "198.18.1.2:15888")
+    assert refused.returncode != 0
+    assert "198.18.1.1 is not in the rpc portal whitelist" in refused.stderr
+
+    with c.enter():
+        flood = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(300)]
+    try:
+        for sock in flood:
+            sock.settimeout(5)
+            sock.connect(("198.18.2.1", 15888))
+            with contextlib.suppress(OSError):
+                sock.sendall(os.urandom(512))
+        assert json.loads(cli(b, "198.18.1.1:15888").stdout)["hostname"] == "node-a"
+        for sock in flood:
+            assert closed_by_peer(sock, 5)
+    finally:
+        for sock in flood:
+            sock.close()
+    stats = na.cli("stats")
+    assert stats["mgmt_refused_not_whitelisted"] == 1 + len(flood)
+    assert nb.cli("stats")["mgmt_refused_not_whitelisted"] == 1
+    lines = [line for line in na.log().splitlines() if "management API: refused" in line]
+    assert len(lines) == 1, lines
+    assert "answers clients from 198.18.1.2/32, 127.0.0.1/32" in na.log()
+    assert "answers loopback clients only" in nb.log()
