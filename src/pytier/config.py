@@ -38,6 +38,8 @@ MTU_MAX = 9000
 DEV_NAME_MAX_LEN = 15  # Linux IFNAMSIZ (16) minus the terminating NUL
 DEFAULT_STATE_DIR = Path("/run/pytier")
 LOG_LEVELS = ("error", "warn", "info", "debug", "trace")
+FILE_LOG_LEVELS = ("off", *LOG_LEVELS)
+DEFAULT_FILE_LOG_SIZE = 100 * 1024 * 1024
 ENCRYPTION_ALGORITHMS = ("aes-gcm", "aes-256-gcm", "chacha20", "xor")
 SCHEMES = ("udp", "tcp")
 
@@ -265,6 +267,37 @@ def _parse_local_address(text: str, example: str) -> tuple[str, int]:
     return ipaddress.ip_address(host).compressed, port
 
 
+_SIZE_UNITS = {"": 1024**2, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
+               "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """A file size such as 100M, 512K or 1G (binary units); a bare number is megabytes, as EasyTier's
+    [file_logger] size_mb."""
+    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    unit = _SIZE_UNITS.get(m.group(2).upper()) if m else None
+    if m is None or unit is None:
+        raise ValueError(f"invalid size {text!r} (expected e.g. 100M, 512K or 1G)")
+    size = int(m.group(1)) * unit
+    if size < 1024:
+        raise ValueError(f"size {text!r} is below the minimum of 1K")
+    return size
+
+
+def format_size(size: int) -> str:
+    for suffix, unit in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return f"{size}B"
+
+
+def parse_count(text: str) -> int:
+    text = text.strip()
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise ValueError(f"invalid count {text!r}: expected a whole number 1..1000")
+    return int(text)
+
+
 def parse_mtu(text: str) -> int:
     text = text.strip()
     if not text.isdigit():
@@ -352,6 +385,11 @@ class Config:
     hostname: str = field(default_factory=socket.gethostname)
     instance_name: str = "default"
     console_log_level: str = "info"
+    file_log_level: str = "off"
+    file_log_dir: str = "."
+    file_log_name: str = "pytier.log"
+    file_log_size: int = DEFAULT_FILE_LOG_SIZE
+    file_log_count: int = 10
     encryption_algorithm: str = "aes-gcm"
     disable_encryption: bool = False
     proxy_networks: list[ProxyNetwork] = field(default_factory=list)
@@ -465,6 +503,20 @@ _GROUPS: tuple[tuple[str, tuple[_Setting, ...]], ...] = (
         _Setting("console_log_level", ("--console-log-level",), "value",
                  "stderr log level: error, warn, info (default), debug or trace",
                  _choice(LOG_LEVELS, {"warning": "warn"}), "LEVEL"),
+        _Setting("file_log_level", ("--file-log-level",), "value",
+                 "file log level: off (default), error, warn, info, debug or trace",
+                 _choice(FILE_LOG_LEVELS, {"warning": "warn"}), "LEVEL"),
+        _Setting("file_log_dir", ("--file-log-dir",), "value",
+                 "directory of the log file, created if missing (default: .)",
+                 _nonempty("log directory"), "DIR"),
+        _Setting("file_log_name", ("--file-log-name",), "value",
+                 "name of the log file in that directory (default: pytier.log)",
+                 _nonempty("log file name"), "NAME"),
+        _Setting("file_log_size", ("--file-log-size",), "value",
+                 "rotate the log file at this size: 100M (default), 512K, 1G",
+                 parse_size, "SIZE"),
+        _Setting("file_log_count", ("--file-log-count",), "value",
+                 "how many rotated log files to keep (default: 10)", parse_count, "N"),
     )),
 )
 
@@ -777,7 +829,14 @@ _NETWORK_IDENTITY: dict[str, _Known] = {
 _CONSOLE_LOGGER: dict[str, _Known] = {
     "level": _Known("str", "console_log_level", _choice(LOG_LEVELS, {"warning": "warn"})),
 }
-_FILE_LOGGER: dict[str, _Known] = {"level": _Known("str"), "file": _Known("str"), "dir": _Known("str")}
+_FILE_LOGGER: dict[str, _Known] = {
+    "level": _Known("str", "file_log_level", _choice(FILE_LOG_LEVELS, {"warning": "warn"}), absent=("",)),
+    "file": _Known("str", "file_log_name", _nonempty("log file name"), absent=("",)),
+    "dir": _Known("str", "file_log_dir", _nonempty("log directory"), absent=("",)),
+    # Newer EasyTier versions' rotation keys.
+    "size_mb": _Known("int", "file_log_size", _text(parse_size)),
+    "count": _Known("int", "file_log_count", _text(parse_count)),
+}
 _TABLES: dict[str, dict[str, _Known]] = {
     "network_identity": _NETWORK_IDENTITY, "flags": _FLAGS, "console_logger": _CONSOLE_LOGGER,
     "file_logger": _FILE_LOGGER,
@@ -1134,6 +1193,11 @@ def parse_invocation(argv: Sequence[str], environ: Mapping[str, str] | None = No
     sources = [f"command line ({len(from_cli)} settings)", f"environment ({len(from_env)} settings)",
                *(f"config file {p}" for p in reversed(config_files)), "defaults"]
     config = Config(**values, config_file=config_files[-1] if config_files else None)
+    if config.file_log_level == "off":
+        unused = [_BY_ATTR_FLAG[a] for a in values
+                  if a in ("file_log_dir", "file_log_name", "file_log_size", "file_log_count")]
+        if unused:
+            warnings.append(f"{', '.join(unused)} given but --file-log-level is off: no log file is written")
     overlap = _mapped_overlap(config.proxy_networks)
     if overlap is not None:
         raise ConfigError(overlap)
@@ -1167,6 +1231,8 @@ def effective_settings(invocation: Invocation) -> list[str]:
             continue
         if s.attr == "network_secret" and value:
             value = "***"
+        elif s.attr == "file_log_size":
+            value = format_size(value)
         elif s.attr in ("rpc_portal", "metrics_listen"):
             host, port = value
             value = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

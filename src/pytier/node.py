@@ -12,8 +12,8 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 from pytier import __version__, logs
 from pytier.config import Config, TunnelUrl, parse_peer
@@ -21,12 +21,12 @@ from pytier.crypto import make_cipher
 from pytier.errors import UserError
 from pytier.mgmt.http import MetricsHttpServer
 from pytier.mgmt.metrics import ProxyTotals, node_families, render
-from pytier.mgmt.server import MgmtServer
 from pytier.mgmt.protocol import MgmtError
+from pytier.mgmt.server import MgmtServer
 from pytier.peers.handshake import Identity
 from pytier.peers.manager import PeerManager
-from pytier.peers.route import RouteService
 from pytier.peers.peer_conn import PeerConn
+from pytier.peers.route import RouteService
 from pytier.peers.rpc import PeerRpc
 from pytier.proxy import kcp, quic
 from pytier.proxy.service import ProxyService
@@ -51,7 +51,6 @@ RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 30.0
 
 
-class Node:
 @dataclass
 class Connector:
     """A peer URL the node keeps a connection to (from --peers, or added with `pytier-cli connector add`)."""
@@ -71,6 +70,7 @@ class Connector:
         }
 
 
+class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.peer_id = secrets.randbits(32) or 1
@@ -113,9 +113,9 @@ class Connector:
         self._netlink = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._listeners: list[UdpListener | TcpListener] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._connectors: dict[str, Connector] = {}
         self._mgmt: MgmtServer | None = None
         self._metrics_http: MetricsHttpServer | None = None
-        self._connectors: dict[str, Connector] = {}
         self._proxy_totals = ProxyTotals()
         self.listener_urls: list[str] = []
         self.counters = self.peers.counters
@@ -243,7 +243,6 @@ class Connector:
     def _on_conflict(self, message: str) -> None:
         log.error("%s", message)
         self.counters["ipv4_conflicts"] += 1
-        url = connector.url
 
     # ---- tunnels --------------------------------------------------------------------------
 
@@ -267,6 +266,7 @@ class Connector:
 
     async def _keep_connected(self, connector: Connector) -> None:
         """Connect to a configured peer and reconnect, with back-off, whenever the link ends."""
+        url = connector.url
         delay = RECONNECT_MIN_S
         while True:
             started = time.monotonic()
@@ -287,6 +287,7 @@ class Connector:
                     connector.last_error = ""
                     connector.conn = conn
                     await conn.closed.wait()
+                    connector.conn = None
             if time.monotonic() - started > 60:
                 delay = RECONNECT_MIN_S
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
@@ -325,7 +326,6 @@ class Connector:
             return link
 
         try:
-                    connector.conn = None
             self._link = await loop.run_in_executor(self._netlink, configure)
         except OSError as exc:
             raise UserError(f"cannot configure TUN device {tun.name}: {exc}") from exc
@@ -374,6 +374,12 @@ class Connector:
             "node": lambda _p: self.describe_node(),
             "proxy": lambda _p: self.proxy.rows() if self.proxy is not None else [],
             "stats": lambda _p: self.describe_stats(),
+            "peer_center": lambda _p: self.describe_peer_center(),
+            "connector_list": lambda _p: [c.describe() for c in self._connectors.values()],
+            "connector_add": lambda p: self.add_connector(p.get("url")),
+            "connector_remove": lambda p: self.remove_connector(p.get("url")),
+            "logger_get": lambda _p: self._logs().levels(),
+            "logger_set": lambda p: self.set_log_level(p.get("level")),
             "metrics": lambda _p: self.metrics_text(),
         }
 
@@ -413,12 +419,6 @@ class Connector:
                 if s is not None:
                     sockets[id(s)] = s
         total: dict[str, int] = {}
-            "peer_center": lambda _p: self.describe_peer_center(),
-            "connector_list": lambda _p: [c.describe() for c in self._connectors.values()],
-            "connector_add": lambda p: self.add_connector(p.get("url")),
-            "connector_remove": lambda p: self.remove_connector(p.get("url")),
-            "logger_get": lambda _p: self._logs().levels(),
-            "logger_set": lambda p: self.set_log_level(p.get("level")),
         for s in sockets.values():
             for name in ("rx_syscalls", "rx_gro_batches", "tx_syscalls", "tx_gso_sends", "tx_dropped_full"):
                 total[name] = total.get(name, 0) + getattr(s, name)
@@ -430,51 +430,9 @@ class Connector:
             info = self.route.peer_info(int(row["peer_id"]))  # type: ignore[call-overload]
             row["ipv4"] = str(info.ipv4_addr) if info is not None and info.ipv4_addr else None
             row["version"] = info.easytier_version if info is not None else None
-        return rows
-
-    def describe_routes(self) -> list[dict[str, Any]]:
-        rows = []
-        for e in self.route.routes():
-            hop_info = self.route.peer_info(e.next_hop) if e.next_hop is not None else None
-            rows.append({
-                "peer_id": e.peer_id,
-                "ipv4": str(e.info.ipv4_addr) if e.info.ipv4_addr else None,
-                "hostname": e.info.hostname,
-                "next_hop_peer_id": e.next_hop,
-                "next_hop_hostname": hop_info.hostname if hop_info is not None else None,
-                "cost": e.cost,
-                "proxy_cidrs": list(e.info.proxy_cidrs),
-                "features": e.info.feature_flag.names(),
-                "version": e.info.easytier_version,
-            })
-        return rows
-
-    def describe_node(self) -> dict[str, Any]:
-        cfg = self.config
-        return {
-            "peer_id": self.peer_id,
-            "ipv4": str(cfg.ipv4) if cfg.ipv4 else None,
-            "hostname": cfg.hostname,
-            "network_name": cfg.network_name,
-            "instance_name": cfg.instance_name,
-            "dev_name": self._tun.name if self._tun is not None else None,
-            "mtu": cfg.mtu,
-            "listeners": list(self.listener_urls),
-            "features": self.feature_flags().names(),
-            "proxy_networks": [str(n) for n in cfg.proxy_networks],
-            "version": f"pytier-{__version__}",
-            "uptime_s": round(time.time() - self.started_at, 1),
-        }
-
-    # ---- lifecycle --------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        cfg = self.config
-        if not cfg.no_tun:
-            await self._claim_host_state()
             row["cost"] = 1  # a direct link: EasyTier's "p2p"
-        host, port = cfg.rpc_portal
-        self._mgmt = MgmtServer(self.mgmt_handlers(), host, port, cfg.rpc_portal_whitelist)
+        return rows
+
     # ---- run-time changes (pytier-cli connector, logger) -----------------------------------------
 
     def _start_connector(self, url: TunnelUrl) -> Connector:
@@ -569,6 +527,52 @@ class Connector:
         info = self.route.peer_info(peer_id)
         return info.hostname if info is not None else None
 
+    def describe_routes(self) -> list[dict[str, Any]]:
+        rows = []
+        for e in self.route.routes():
+            hop_info = self.route.peer_info(e.next_hop) if e.next_hop is not None else None
+            rows.append({
+                "peer_id": e.peer_id,
+                "ipv4": str(e.info.ipv4_addr) if e.info.ipv4_addr else None,
+                "hostname": e.info.hostname,
+                "next_hop_peer_id": e.next_hop,
+                "next_hop_hostname": hop_info.hostname if hop_info is not None else None,
+                "next_hop_ipv4": str(hop_info.ipv4_addr) if hop_info and hop_info.ipv4_addr else None,
+                "next_hop_latency_ms": self._latency_ms(e.next_hop),
+                "cost": e.cost,
+                # Route sync carries no latencies: a path's is known only when it is our own link.
+                "path_latency_ms": self._latency_ms(e.peer_id) if e.cost == 1 else None,
+                "proxy_cidrs": list(e.info.proxy_cidrs),
+                "features": e.info.feature_flag.names(),
+                "version": e.info.easytier_version,
+            })
+        return rows
+
+    def describe_node(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "peer_id": self.peer_id,
+            "ipv4": str(cfg.ipv4) if cfg.ipv4 else None,
+            "hostname": cfg.hostname,
+            "network_name": cfg.network_name,
+            "instance_name": cfg.instance_name,
+            "dev_name": self._tun.name if self._tun is not None else None,
+            "mtu": cfg.mtu,
+            "listeners": list(self.listener_urls),
+            "features": self.feature_flags().names(),
+            "proxy_networks": [str(n) for n in cfg.proxy_networks],
+            "version": f"pytier-{__version__}",
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        if not cfg.no_tun:
+            await self._claim_host_state()
+        host, port = cfg.rpc_portal
+        self._mgmt = MgmtServer(self.mgmt_handlers(), host, port, cfg.rpc_portal_whitelist)
         await self._mgmt.start()
         if cfg.metrics_listen is not None:
             self._metrics_http = MetricsHttpServer(self.metrics_text, *cfg.metrics_listen)
@@ -579,11 +583,7 @@ class Connector:
             await self._start_listener(url)
         self.peers.start()
         await self._start_proxy()
-                "next_hop_ipv4": str(hop_info.ipv4_addr) if hop_info and hop_info.ipv4_addr else None,
-                "next_hop_latency_ms": self._latency_ms(e.next_hop),
         await self.route.start()
-                # Route sync carries no latencies: a path's is known only when it is our own link.
-                "path_latency_ms": self._latency_ms(e.peer_id) if e.cost == 1 else None,
         for url in cfg.peers:
             self._start_connector(url)
         log.info(
@@ -648,6 +648,9 @@ class Connector:
             await self.proxy.close()
         for task in self._tasks:
             task.cancel()
+        for connector in self._connectors.values():
+            if connector.task is not None:
+                connector.task.cancel()
         for lst in self._listeners:
             lst.close()
         with contextlib.suppress(Exception):
@@ -670,6 +673,3 @@ async def run_node(config: Config) -> int:
     finally:
         await node.stop()
     return 0
-        for connector in self._connectors.values():
-            if connector.task is not None:
-                connector.task.cancel()

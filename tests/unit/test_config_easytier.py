@@ -101,6 +101,7 @@ def test_full_example(tmp_path: Path) -> None:
         peers=urls("tcp://198.18.0.2:11010", "udp://198.18.0.3:11010"),
         dev_name="et0", mtu=1380, rpc_portal=("127.0.0.1", 15888), hostname="gw-office",
         instance_name="office", console_log_level="debug",
+        file_log_level="info", file_log_name="easytier", file_log_dir="/var/log/easytier",
         proxy_networks=[ProxyNetwork(IPv4Network("192.168.50.0/24")),
                         ProxyNetwork(IPv4Network("192.168.1.0/24"), IPv4Network("10.1.1.0/24"))],
         enable_kcp_proxy=True, enable_quic_proxy=True, disable_quic_input=True, use_smoltcp=True,
@@ -113,9 +114,6 @@ def test_full_example(tmp_path: Path) -> None:
         "skipping listeners 'wg://0.0.0.0:11011'",
         f"{where} 25: pytier does not implement wss:// tunnels (it speaks udp:// and tcp://); "
         "skipping [[peer]] uri 'wss://198.18.0.4:11012/'",
-        f'{where} 35: pytier does not implement [file_logger] level = "info"; ignored',
-        f'{where} 36: pytier does not implement [file_logger] file = "easytier"; ignored',
-        f'{where} 37: pytier does not implement [file_logger] dir = "/var/log/easytier"; ignored',
         f"{where} 48: pytier does not implement [flags] latency_first = true; "
         "pytier behaves as latency_first = false",
     ]
@@ -520,10 +518,15 @@ def test_check_config_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         'rpc_portal = "127.0.0.1:15888"',
         'rpc_portal_whitelist = ["127.0.0.0/8", "::1/128"]',
         'console_log_level = "debug"',
+        'file_log_level = "info"',
+        'file_log_dir = "/var/log/easytier"',
+        'file_log_name = "easytier"',
+        'file_log_size = "100M"',
+        "file_log_count = 10",
     ]
     assert "s3cret" not in out + err
     warnings = err.splitlines()
-    assert len(warnings) == 7
+    assert len(warnings) == 4
     assert all(w.startswith(f"pytier-core: warning: config file {path} line ") for w in warnings)
     assert "[flags] latency_first = true" in warnings[-1]
 
@@ -552,7 +555,7 @@ def test_check_config_through_the_console_script(tmp_path: Path) -> None:
     assert 'network_name = "env-net"' in ok.stdout.splitlines()
     assert 'network_secret = "***"' in ok.stdout.splitlines()
     assert "s3cret" not in ok.stdout + ok.stderr
-    assert len(ok.stderr.splitlines()) == 7
+    assert len(ok.stderr.splitlines()) == 4
 
     broken = write(tmp_path, FULL.replace("mtu = 1380", 'mtu = "1380"'), "broken.toml")
     bad = subprocess.run([CORE, "--check-config", "-c", str(broken)], capture_output=True, text=True,
@@ -560,3 +563,40 @@ def test_check_config_through_the_console_script(tmp_path: Path) -> None:
     assert (bad.returncode, bad.stdout) == (2, "")
     assert bad.stderr == (f"pytier-core: error: config file {broken} line 47: [flags] mtu: "
                           "expected a number, got a string\n")
+
+
+def test_file_logger_section_sets_the_log_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[file_logger]\nlevel = "WARNING"\nfile = "node.log"\ndir = "/var/log/et"\n'
+                           "size_mb = 5\ncount = 2\n")
+    invocation = parse_invocation(["-c", str(path)], {})
+    c = invocation.config
+    assert (c.file_log_level, c.file_log_name, c.file_log_dir, c.file_log_size, c.file_log_count) == (
+        "warn", "node.log", "/var/log/et", 5 * 1024 * 1024, 2)
+    assert invocation.warnings == []
+    # PYTIER_* over the file, flags over both.
+    c = parse_invocation(["-c", str(path), "--file-log-level", "off"],
+                         {"PYTIER_FILE_LOG_DIR": "/srv/log"}).config
+    assert (c.file_log_level, c.file_log_dir) == ("off", "/srv/log")
+    # EasyTier's empty "use the default" values.
+    empty = write(tmp_path, '[file_logger]\nlevel = ""\nfile = ""\ndir = ""\n', "empty.toml")
+    c = parse_invocation(["-c", str(empty)], {}).config
+    assert (c.file_log_level, c.file_log_name, c.file_log_dir) == ("off", "pytier.log", ".")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[file_logger]\nlevel = "loud"\n',
+     "line 2: [file_logger] level: invalid choice 'loud' (choose from off, error, warn, info, debug, trace)"),
+    ("[file_logger]\ncount = 0\n",
+     "line 2: [file_logger] count: invalid count '0': expected a whole number 1..1000"),
+    ('[file_logger]\nsize_mb = "5"\n', "line 2: [file_logger] size_mb: expected a number, got a string"),
+])
+def test_file_logger_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        parse_invocation(["-c", str(path)], {})
+    assert str(e.value) == f"config file {path} {message}"
+
+
+def test_file_log_settings_without_a_level_are_a_warning(tmp_path: Path) -> None:
+    path = write(tmp_path, '[file_logger]\ndir = "/var/log/et"\n')
+    assert warnings_of(path) == ["--file-log-dir given but --file-log-level is off: no log file is written"]

@@ -6,6 +6,7 @@ import asyncio
 import enum
 import json
 import logging
+import os
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -278,8 +279,10 @@ def test_silent_server_times_out() -> None:
 
 
 async def cli(*argv: str) -> tuple[int, str, str]:
+    # Without COLUMNS and into a pipe, tables come whole.
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     proc = await asyncio.create_subprocess_exec(CLI, *argv, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+                                                stderr=asyncio.subprocess.PIPE, env=env)
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -313,7 +316,7 @@ def test_pytier_cli_against_a_server() -> None:
     assert (code, json.loads(out), err) == (0, PEERS, "")
     code, out, err = results["peer"]
     assert code == 0 and err == ""
-    assert "│ 10.144.144.2/24 │ node-b   │ 1234567 │ udp    │ 198.18.0.2:11010 │ 1.50    │ 0.0%" in out
+    assert "│ 10.144.144.2/24 │ node-b   │ -    │ 1.50    │ 0.0% │ 2.0 KiB │ 1.0 KiB │ udp    │ 0.1.0   │ 1234567 │" in out  # noqa: E501
     assert results["node"] == (1, "", "pytier-cli: error: node is still starting\n")
     assert results["stats"] == (1, "", "pytier-cli: error: internal error in 'stats': RuntimeError: boom\n")
     assert results["route"] == (

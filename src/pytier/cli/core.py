@@ -9,44 +9,19 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TextIO
+from pathlib import Path
 
 from pytier.config import PROG, Config, effective_settings, load_invocation
 from pytier.errors import UserError
+from pytier.logs import FileLog, setup_logging
+
+__all__ = ["main", "run", "setup_logging"]
 
 log = logging.getLogger("pytier.core")
 
-TRACE = 5  # below DEBUG, as EasyTier's "trace"
-_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG,
-           "trace": TRACE}
-# Libraries whose debug lines would drown ours: they only show them at "trace".
-_CHATTY_LIBRARIES = ("asyncio", "quic", "pyroute2")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 NodeMain = Callable[[Config], Awaitable[int | None]]
-
-
-def setup_logging(level: str, stream: TextIO | None = None) -> None:
-    """Log lines such as "2026-11-25 18:04:15 INFO pytier.peers: message" at `level` and above."""
-    logging.addLevelName(TRACE, "TRACE")
-    logging.addLevelName(logging.WARNING, "WARN")
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(_LEVELS[level])
-    library_level = logging.NOTSET if level == "trace" else max(logging.INFO, root.level)
-    for name in _CHATTY_LIBRARIES:
-        logging.getLogger(name).setLevel(library_level)
-    # pyroute2 sets levels on its own child loggers, so the levels above are not enough.
-    prefixes = tuple(f"{name}." for name in _CHATTY_LIBRARIES)
-
-    def quiet_libraries(record: logging.LogRecord) -> bool:
-        return record.levelno >= library_level or not record.name.startswith(prefixes)
-
-    handler.addFilter(quiet_libraries)
 
 
 def _new_runner() -> asyncio.Runner:
@@ -113,7 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(effective_settings(invocation)))
         return 0
     config = invocation.config
-    setup_logging(config.console_log_level)
+    file_log = FileLog(Path(config.file_log_dir) / config.file_log_name, config.file_log_size,
+                       config.file_log_count)
+    try:
+        setup_logging(config.console_log_level, file_log=file_log, file_level=config.file_log_level)
+    except OSError as e:
+        print(f"{PROG}: error: cannot open the log file {file_log.path}: {e.strerror or e}", file=sys.stderr)
+        return 1
     for warning in invocation.warnings:
         log.warning("%s", warning)
     from pytier.node import run_node  # the composition root imports every layer; only the daemon needs it

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 def display_width(text: str) -> int:
@@ -33,3 +33,65 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         out += [rule("├", "┼", "┤"), line(row)]
     out.append(rule("└", "┴", "┘"))
     return "\n".join(out)
+
+
+ELLIPSIS = "…"
+MIN_COLUMN = 5  # a shortened column keeps this many terminal columns, the ellipsis included
+
+
+def table_width(widths: Sequence[int]) -> int:
+    """Terminal columns a table with these column widths takes: padding and borders included."""
+    return sum(w + 3 for w in widths) + 1
+
+
+def truncate(text: str, width: int) -> str:
+    """`text` cut to `width` terminal columns, ending in an ellipsis when it had to be cut."""
+    if display_width(text) <= width:
+        return text
+    out, used = [], 0
+    for c in text:
+        w = display_width(c)
+        if used + w > width - 1:
+            break
+        out.append(c)
+        used += w
+    return "".join(out) + ELLIPSIS
+
+
+def fit_table(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int | None,
+              optional: Sequence[str] = ()) -> tuple[list[str], list[list[str]]]:
+    """The table narrowed to `width` terminal columns (None: as it is). First the `optional` columns
+    go, in their order, while the table is too wide; then the widest columns but the first are cut with
+    an ellipsis, down to MIN_COLUMN each, and the first one last. A table that still does not fit is
+    left that wide."""
+    keep = list(range(len(headers)))
+    widths = [max([display_width(headers[i]), *(display_width(r[i]) for r in rows)]) for i in keep]
+    if width is not None:
+        for name in optional:
+            if table_width([widths[i] for i in keep]) <= width:
+                break
+            if name in headers and len(keep) > 1:
+                keep.remove(headers.index(name))
+    cut = {i: widths[i] for i in keep}
+    if width is not None:
+        excess = table_width(list(cut.values())) - width
+        # The first column names the row (an address, a URL, a key): it is cut last.
+        for columns in (keep[1:], keep):
+            while excess > 0 and columns:
+                widest = max(columns, key=lambda i: cut[i])
+                if cut[widest] <= MIN_COLUMN:
+                    break
+                cut[widest] -= 1
+                excess -= 1
+    return ([truncate(headers[i], cut[i]) for i in keep],
+            [[truncate(r[i], cut[i]) for i in keep] for r in rows])
+
+
+def output_width(environ: Mapping[str, str], stdout_is_terminal: bool,
+                 terminal_columns: int | None) -> int | None:
+    """How wide pytier-cli's tables may be: COLUMNS when it says (as `watch` sets it), else the
+    terminal's width when printing to one; None (no limit) into a pipe or a file."""
+    columns = environ.get("COLUMNS", "").strip()
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    return terminal_columns if stdout_is_terminal else None

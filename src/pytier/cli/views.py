@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pytier.mgmt.protocol import PROXY_STATES, PROXY_TRANSPORTS
 
 MISSING = "-"
 
-Table = tuple[list[str], list[list[str]]]
+
+@dataclass(frozen=True)
+class Table:
+    """Headers and cells; `optional` names the columns a narrow terminal may do without, the first
+    to go first."""
+
+    headers: list[str]
+    rows: list[list[str]]
+    optional: tuple[str, ...] = ()
 
 
 class ViewError(ValueError):
@@ -94,35 +103,55 @@ def _rows(result: Any) -> list[dict[str, Any]]:
     return result
 
 
-def _next_hop(row: dict[str, Any]) -> str:
-    hop = row.get("next_hop_peer_id")
-    if hop is None:
-        return MISSING
-    if hop == row.get("peer_id"):
-        return "DIRECT"
-    name = row.get("next_hop_hostname")
-    return f"{cell(name)} ({hop})" if name else cell(hop)
+def _object(result: Any) -> dict[str, Any]:
+    if not isinstance(result, dict):
+        raise ViewError("expected an object")
+    return result
+
+
+def _cost(value: Any) -> str:
+    """EasyTier's names for a path: p2p for a direct link, relay(N) through N-1 other nodes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return "p2p" if value == 1 else f"relay({value})"
+    return cell(value)
+
+
+def _ipv4(value: Any) -> str:
+    """An address without its prefix length, as EasyTier shows a node's address in tables."""
+    return cell(value).split("/", 1)[0] if isinstance(value, str) else cell(value)
 
 
 def peer_table(result: Any) -> Table:
-    headers = ["ipv4", "hostname", "peer_id", "tunnel", "remote_addr", "lat(ms)", "loss", "rx", "tx"]
+    headers = ["ipv4", "hostname", "cost", "lat(ms)", "loss", "rx", "tx", "tunnel", "version", "peer_id",
+               "remote_addr"]
     rows = [
-        [cell(r.get("ipv4")), cell(r.get("hostname")), cell(r.get("peer_id")), cell(r.get("tunnel")),
-         cell(r.get("remote_addr")), fixed(r.get("latency_ms"), 2), percent(r.get("loss_rate")),
-         human_bytes(r.get("rx_bytes")), human_bytes(r.get("tx_bytes"))]
+        [cell(r.get("ipv4")), cell(r.get("hostname")), _cost(r.get("cost")), fixed(r.get("latency_ms"), 2),
+         percent(r.get("loss_rate")), human_bytes(r.get("rx_bytes")), human_bytes(r.get("tx_bytes")),
+         cell(r.get("tunnel")), cell(r.get("version")), cell(r.get("peer_id")), cell(r.get("remote_addr"))]
         for r in _rows(result)
     ]
-    return headers, rows
+    return Table(headers, rows, ("remote_addr", "version", "peer_id", "tunnel", "tx", "rx", "loss"))
+
+
+def _next_hop_ipv4(row: dict[str, Any]) -> str:
+    hop = row.get("next_hop_peer_id")
+    if hop is not None and hop == row.get("peer_id"):
+        return "DIRECT"
+    return _ipv4(row.get("next_hop_ipv4")) if row.get("next_hop_ipv4") else cell(hop)
 
 
 def route_table(result: Any) -> Table:
-    headers = ["ipv4", "hostname", "peer_id", "next_hop", "cost", "proxy_cidrs", "features"]
+    headers = ["ipv4", "hostname", "proxy_cidrs", "next_hop_ipv4", "next_hop_hostname", "next_hop_lat(ms)",
+               "path_len", "path_lat(ms)", "version", "peer_id", "features"]
     rows = [
-        [cell(r.get("ipv4")), cell(r.get("hostname")), cell(r.get("peer_id")), _next_hop(r),
-         cell(r.get("cost")), cell(r.get("proxy_cidrs")), cell(r.get("features"))]
+        [cell(r.get("ipv4")), cell(r.get("hostname")), cell(r.get("proxy_cidrs")), _next_hop_ipv4(r),
+         cell(r.get("next_hop_hostname")), fixed(r.get("next_hop_latency_ms"), 2), cell(r.get("cost")),
+         fixed(r.get("path_latency_ms"), 2), cell(r.get("version")), cell(r.get("peer_id")),
+         cell(r.get("features"))]
         for r in _rows(result)
     ]
-    return headers, rows
+    return Table(headers, rows, ("features", "peer_id", "version", "next_hop_hostname", "path_lat(ms)",
+                                 "next_hop_lat(ms)"))
 
 
 def proxy_table(result: Any) -> Table:
@@ -134,36 +163,68 @@ def proxy_table(result: Any) -> Table:
          cell(r.get("retrans"))]
         for r in _rows(result)
     ]
+    optional: tuple[str, ...] = ("retrans", "rtt(ms)", "start_time", "tx", "rx")
     # QUIC rows carry their connection's BBR model; the columns appear only when some row has one.
     if any("bbr_state" in r for r in result):
         headers += ["bbr", "bw(Mbit/s)"]
         for row, r in zip(rows, result, strict=True):
             row += [cell(r.get("bbr_state")), fixed(r.get("bw_mbit"), 1)]
-    return headers, rows
+        optional = ("bbr", "bw(Mbit/s)", *optional)
+    return Table(headers, rows, optional)
 
 
 _NODE_KEYS = ("peer_id", "ipv4", "hostname", "network_name", "instance_name", "dev_name", "mtu",
-              "listeners", "features", "version", "uptime_s")
+              "listeners", "proxy_networks", "features", "version", "uptime_s")
 
 
 def node_table(result: Any) -> Table:
-    if not isinstance(result, dict):
-        raise ViewError("expected an object")
-    keys = [k for k in _NODE_KEYS if k in result] + sorted(k for k in result if k not in _NODE_KEYS)
-    rows = [[k, human_duration(result[k]) if k == "uptime_s" else cell(result[k])] for k in keys]
-    return ["key", "value"], rows
+    node = _object(result)
+    keys = [k for k in _NODE_KEYS if k in node] + sorted(k for k in node if k not in _NODE_KEYS)
+    rows = [[k, human_duration(node[k]) if k == "uptime_s" else cell(node[k])] for k in keys]
+    return Table(["key", "value"], rows)
 
 
 def stats_table(result: Any) -> Table:
     if not isinstance(result, dict):
         raise ViewError("expected an object of counters")
-    return ["counter", "value"], [[str(k), cell(v)] for k, v in sorted(result.items())]
+    return Table(["counter", "value"], [[str(k), cell(v)] for k, v in sorted(result.items())])
 
 
-VIEWS: dict[str, tuple[str, Callable[[Any], Table]]] = {
-    "peer": ("show the directly connected peers", peer_table),
-    "route": ("show the route to every node of the network", route_table),
-    "node": ("show this node", node_table),
-    "proxy": ("show tcp/kcp/quic proxy connections", proxy_table),
-    "stats": ("show traffic counters", stats_table),
-}
+def _direct_peer(p: Any) -> str:
+    if not isinstance(p, dict):
+        raise ViewError("expected direct peers as objects")
+    name = f"{cell(p.get('hostname'))}({cell(p.get('peer_id'))})"
+    lat = p.get("latency_ms")
+    return f"{name} {fixed(lat, 2)}ms" if isinstance(lat, (int, float)) else name
+
+
+def peer_center_table(result: Any) -> Table:
+    rows = []
+    for r in _rows(result):
+        direct = r.get("direct_peers") or []
+        if not isinstance(direct, list):
+            raise ViewError("expected direct_peers as a list")
+        rows.append([cell(r.get("peer_id")), cell(r.get("hostname")), cell(r.get("ipv4")),
+                     ", ".join(_direct_peer(p) for p in direct) or MISSING])
+    return Table(["peer_id", "hostname", "ipv4", "direct_peers"], rows, ("ipv4",))
+
+
+def connector_table(result: Any) -> Table:
+    rows = [[cell(r.get("url")), cell(r.get("state")), cell(r.get("peer_id")), cell(r.get("last_error"))]
+            for r in _rows(result)]
+    return Table(["url", "state", "peer_id", "last_error"], rows, ("last_error", "peer_id"))
+
+
+def connector_text(verb: str) -> Callable[[Any], str]:
+    def text(result: Any) -> str:
+        row = _object(result)
+        return f"connector {cell(row.get('url'))} {verb} ({cell(row.get('state'))})"
+
+    return text
+
+
+def logger_text(result: Any) -> str:
+    levels = _object(result)
+    path = levels.get("file_path")
+    file = f"{cell(levels.get('file'))} ({path})" if path else "off (no log file: see --file-log-level)"
+    return f"console: {cell(levels.get('console'))}\nfile: {file}"

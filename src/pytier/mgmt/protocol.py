@@ -23,7 +23,8 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 5.0
 
-METHODS = ("peer", "route", "node", "proxy", "stats")
+METHODS = ("peer", "route", "node", "proxy", "stats", "peer_center", "connector_list", "connector_add",
+           "connector_remove", "logger_get", "logger_set")
 
 # Names used in ProxyRow, in EasyTier's enum order (TcpProxyEntryState, TcpProxyEntryTransportType),
 # so that a row carrying the number instead of the name still prints right.
@@ -44,6 +45,7 @@ class PeerRow(TypedDict, total=False):
     rx_bytes: int
     tx_bytes: int
     version: str
+    cost: int  # 1: a direct link
 
 
 class RouteRow(TypedDict, total=False):
@@ -54,7 +56,10 @@ class RouteRow(TypedDict, total=False):
     hostname: str
     next_hop_peer_id: int | None  # equal to peer_id for a direct peer
     next_hop_hostname: str | None
-    cost: int
+    next_hop_ipv4: str | None
+    next_hop_latency_ms: float | None  # our round trip to the next hop
+    cost: int  # path length in hops
+    path_latency_ms: float | None  # known for a direct peer only: route sync carries no latencies
     proxy_cidrs: list[str]
     features: list[str]  # e.g. ["kcp_input", "quic_input"]
     version: str
@@ -71,6 +76,7 @@ class NodeInfo(TypedDict, total=False):
     dev_name: str
     mtu: int
     listeners: list[str]
+    proxy_networks: list[str]  # "192.168.50.0/24", or "192.168.1.0/24->10.1.0.0/24" when mapped
     features: list[str]
     version: str
     uptime_s: float
@@ -92,6 +98,41 @@ class ProxyRow(TypedDict, total=False):
 
 # `stats`: a flat mapping of counter name -> int.
 Stats = Mapping[str, int]
+
+
+class DirectPeer(TypedDict, total=False):
+    peer_id: int
+    hostname: str | None
+    latency_ms: float | None  # our round trip, on this node's own links only
+
+
+class PeerCenterRow(TypedDict, total=False):
+    """`peer_center`: one per reachable node (this one included), with the direct peers its latest
+    route sync conn info names."""
+
+    peer_id: int
+    hostname: str | None
+    ipv4: str | None
+    direct_peers: list[DirectPeer]
+
+
+class ConnectorRow(TypedDict, total=False):
+    """`connector_list`: one per peer URL the node keeps connected. `connector_add` and
+    `connector_remove` take {"url": "tcp://198.18.0.2:11010"} and return the connector's row."""
+
+    url: str
+    state: str  # "connected" | "connecting"
+    peer_id: int | None
+    last_error: str | None  # why the last attempt to connect failed
+
+
+class LogLevels(TypedDict):
+    """`logger_get`; `logger_set` takes {"level": "debug"} (off, error, warn, info, debug, trace), sets
+    stderr and the log file, and returns the new levels."""
+
+    console: str
+    file: str  # "off" when there is no log file
+    file_path: str | None
 
 
 class MgmtError(Exception):

@@ -527,6 +527,12 @@ class RouteSync:
     def reachable_peers(self) -> set[int]:
         return self._table.reachable_peers()
 
+    def peer_map(self) -> dict[int, frozenset[int]]:
+        """Each node's direct peers as its latest conn info says (ours: our neighbours)."""
+        known = {p: c.peers for p, c in self._conns.items()}
+        known[self.my_peer_id] = frozenset(self._neighbours)
+        return known
+
     def peer_info(self, peer_id: int) -> RoutePeerInfo | None:
         if peer_id == self.my_peer_id:
             return self._my_msg
