@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +107,7 @@ class Node:
         self._tun: TunDevice | None = None
         self._link: LinkConfig | None = None
         self._tun_routes: set[ipaddress.IPv4Network] = set()
+        self._peer_host_routes: set[ipaddress.IPv4Network] = set()
         self._forwarding: SubnetForwarding | None = None
         self._host_state: HostState | None = None
         # pyroute2's IPRoute runs an event loop of its own, so it cannot be called from ours: every
@@ -203,7 +205,14 @@ class Node:
             for gone in self._reachable - reachable:
                 self.proxy.peer_gone(gone)
         self._reachable = reachable
-        self._sync_tun_routes({ipaddress.IPv4Network((n, plen)) for plen, n, _, _ in cidrs})
+        # A peer whose address lies outside our own prefix (all of them, with a /32) is reached
+        # through a host route: the kernel has no connected route to it.
+        own = self.config.ipv4
+        self._peer_host_routes = set() if own is None else {
+            net for net in (ipaddress.IPv4Network(ipaddress.IPv4Address(ip)) for ip in ip_map)
+            if not net.subnet_of(own.network)}
+        self._sync_tun_routes({ipaddress.IPv4Network((n, plen)) for plen, n, _, _ in cidrs}
+                              | self._peer_host_routes)
 
     def _sync_tun_routes(self, wanted: set[ipaddress.IPv4Network]) -> None:
         link = self._link
@@ -234,7 +243,8 @@ class Node:
         for net in sorted(new):
             try:
                 link.add_route(net)
-                log.info("route %s via %s added (proxied by a peer)", net, dev)
+                why = "a peer's address" if net in self._peer_host_routes else "proxied by a peer"
+                log.info("route %s via %s added (%s)", net, dev, why)
             except OSError as exc:
                 log.warning("cannot add route %s via %s: %s", net, dev, exc)
         if state is not None and gone:
@@ -264,8 +274,36 @@ class Node:
         self.listener_urls.append(f"{url.scheme}://{lst.local_addr}")
         log.info("listening on %s://%s", url.scheme, lst.local_addr)
 
+    async def _is_own_listener(self, url: TunnelUrl) -> bool:
+        """Whether `url` names one of this node's listeners (a peer list shared by all nodes)."""
+        bound = [lst.local_addr.rsplit(":", 1) for lst in self._listeners
+                 if isinstance(lst, UdpListener) == (url.scheme == "udp")]
+        hosts = {host.strip("[]") for host, port in bound if int(port) == url.port}
+        if not hosts:
+            return False
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(url.host, url.port, type=socket.SOCK_DGRAM)
+        except OSError:
+            return False
+        for family, _, _, _, sockaddr in infos:
+            addr = str(sockaddr[0])
+            if addr not in hosts and not hosts & {"0.0.0.0", "::"}:
+                continue
+            # An address we can bind to is one of ours.
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                try:
+                    probe.bind((addr, 0))
+                except OSError:
+                    continue
+            return True
+        return False
+
     async def _keep_connected(self, connector: Connector) -> None:
         """Connect to a configured peer and reconnect, with back-off, whenever the link ends."""
+        if await self._is_own_listener(connector.url):
+            connector.last_error = "this is this node's own listener"
+            log.warning("peer %s is this node's own listener: not connecting to it", connector.url)
+            return
         url = connector.url
         delay = RECONNECT_MIN_S
         while True:
@@ -619,6 +657,11 @@ class Node:
         if not outbound and not inbound:
             return
         assert cfg.ipv4 is not None or not outbound
+        if outbound and not cfg.use_smoltcp and cfg.ipv4 is not None and cfg.ipv4.network.prefixlen > 30:
+            raise UserError(
+                f"--ipv4 {cfg.ipv4}: the TCP proxy intercepts through a NAT hairpin that needs a virtual "
+                "network of at least 4 addresses (/30 or wider); widen the prefix, or add --use-smoltcp"
+            )
         tun = self._tun
         self.proxy = ProxyService(
             own=cfg.ipv4 or ipaddress.IPv4Interface("0.0.0.0/32"),
