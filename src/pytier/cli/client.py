@@ -29,7 +29,7 @@ from pytier.cli.views import (
     stats_table,
 )
 from pytier.config import DEFAULT_RPC_PORTAL, HelpFormatter, split_host_port, version
-from pytier.logs import LEVELS
+from pytier.logs import LEVELS, level_name
 from pytier.mgmt.client import call
 from pytier.mgmt.protocol import DEFAULT_TIMEOUT_S, MgmtError, format_address
 
@@ -79,6 +79,13 @@ def _prometheus_text(result: Any) -> str:
     return result.rstrip("\n")
 
 
+def _level(text: str) -> str:
+    try:
+        return level_name(text)
+    except ValueError:
+        return text  # argparse's choices check names the choices
+
+
 @dataclass(frozen=True)
 class Arg:
     """A positional argument of a command."""
@@ -86,6 +93,7 @@ class Arg:
     name: str
     help: str
     choices: tuple[str, ...] | None = None
+    type: Callable[[str], str] = str
 
     @property
     def usage(self) -> str:
@@ -134,7 +142,8 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("logger",): Command("show or set the log levels (alone: get)", "logger_get", text=logger_text),
     ("logger", "get"): _LOG_LEVELS,
     ("logger", "set"): Command("set the level of stderr and the log file (until a restart)", "logger_set",
-                               text=logger_text, args=(Arg("level", ", ".join(LEVELS), tuple(LEVELS)),)),
+                               text=logger_text,
+                               args=(Arg("level", ", ".join(LEVELS), tuple(LEVELS), _level),)),
 }
 
 
@@ -214,8 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub = _sub(group, words[1], command.help)
             sub.set_defaults(words=words)
         for arg in command.args:
-            sub.add_argument(arg.name, metavar=arg.usage, choices=arg.choices, help=arg.help,
-                             type=str.lower if arg.choices else str)
+            sub.add_argument(arg.name, metavar=arg.usage, choices=arg.choices, help=arg.help, type=arg.type)
     for local in LOCAL_COMMANDS.values():
         local.add_parser(commands, HelpFormatter)
     return parser
