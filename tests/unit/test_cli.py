@@ -283,6 +283,9 @@ def test_fit_table_drops_optional_columns_in_order_then_cuts() -> None:
     h, r = fit_table(headers, rows, 30, ("extra", "id"))
     assert h == ["name", "note"] and r == [["alpha", "a long remark abo…"], ["b", "short"]]
     assert table_width([5, 18]) == 30 == max(display_width(line) for line in render_table(h, r).splitlines())
+    # The first column names the row: the others are cut before it.
+    h, r = fit_table(["address", "note"], [["10.144.144.100", "a long remark about it"]], 30)
+    assert r == [["10.144.144.100", "a long r…"]]
     # Columns are cut no further than MIN_COLUMN; a table that still does not fit stays that wide.
     h, r = fit_table(["identifier", "description"], [["abcdefghij", "x" * 40]], 10)
     assert [display_width(c) for c in h] == [MIN_COLUMN, MIN_COLUMN] and r == [["abcd…", "xxxx…"]]
