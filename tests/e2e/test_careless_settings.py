@@ -9,8 +9,6 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import pytest
-
 from pytier.testbed.netns import Netns, Testbed
 from pytier.testbed.nodes import BIN, PytierNode, tcp_transfer, wait_for
 from pytier.testbed.ping import ping
@@ -70,8 +68,6 @@ for _ in range(20):
 """
 
 
-@pytest.mark.xfail(strict=True, reason="UDP GSO: a run of datagrams above the underlay MTU is refused "
-                   "(EMSGSIZE) and dropped instead of sent one by one; see docs/limits.md")
 def test_mtu_9000_over_a_1500_underlay_fragments_the_tunnel_packets(testbed: Testbed) -> None:
     with _pair(testbed, "10.144.151.1/24", "10.144.151.2/24", ["--mtu", "9000"]) as (a, b, na, _):
         na.wait_route("10.144.151.2")

@@ -76,6 +76,9 @@ class UdpSocket:
         self._waiting_writable = False
         self._closed = False
         self.gso = offload
+        # Datagrams bigger than the path's MTU leave as IP fragments, which GSO cannot make
+        # (EMSGSIZE): runs of such sizes go one by one.
+        self._gso_max_size = MAX_UDP_PAYLOAD
         self.gro = offload and _enable_gro(sock)
         sock.setblocking(False)
         self._loop.add_reader(self._fd, self._read)
@@ -132,7 +135,7 @@ class UdpSocket:
             addr, first = queue[i]
             size = len(first)
             j = i + 1
-            if self.gso:
+            if self.gso and size <= self._gso_max_size:
                 limit = i + min(MAX_GSO_SEGMENTS, MAX_UDP_PAYLOAD // size)
                 while j < end and j < limit:
                     a, d = queue[j]
@@ -180,6 +183,11 @@ class UdpSocket:
         except (BlockingIOError, InterruptedError):
             raise
         except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                self._gso_max_size = size - 1
+                log.debug("udp socket %s: no GSO for datagrams of %d bytes and more (%s)", _name(self.sock),
+                          size, e.strerror or e)
+                return False
             if e.errno in _GSO_REFUSED:
                 self.gso = False
                 log.info("udp socket %s: the kernel refused UDP GSO (%s); sending datagrams one by one",
