@@ -73,7 +73,8 @@ class PytierNode:
         return json.loads(out)
 
     def cli_table(self, command: str) -> str:
-        return str(self.ns.run([str(BIN / "pytier-cli"), command]).stdout)
+        # Whole, whatever COLUMNS the test runner leaves in the environment.
+        return str(self.ns.run([str(BIN / "pytier-cli"), "--no-trunc", command]).stdout)
 
     def route_ips(self) -> set[str]:
         return {r["ipv4"] for r in self.cli("route") if r.get("ipv4")}
