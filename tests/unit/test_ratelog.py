@@ -31,7 +31,8 @@ def test_one_line_per_source_and_reason_per_interval(caplog: pytest.LogCaptureFi
         rl.log(logging.INFO, "198.18.1.2", "garbage", "garbage from %s", "198.18.1.2")
     rl.log(logging.INFO, "198.18.1.2", "bad length", "bad length from %s", "198.18.1.2")
     rl.log(logging.INFO, "198.18.1.3", "garbage", "garbage from %s", "198.18.1.3")
-    assert lines(caplog) == ["garbage from 198.18.1.2", "bad length from 198.18.1.2", "garbage from 198.18.1.3"]
+    assert lines(caplog) == ["garbage from 198.18.1.2", "bad length from 198.18.1.2",
+                             "garbage from 198.18.1.3"]
     caplog.clear()
     clock.now += 59.9
     assert not rl.log(logging.INFO, "198.18.1.2", "garbage", "garbage from %s", "198.18.1.2")
