@@ -117,7 +117,7 @@ def test_udp_listener_under_flood(testbed: Testbed) -> None:
         for n in range(GARBAGE_DATAGRAMS):
             flood.sendto(garbage_datagram(rng), target)
             if n % 500 == 499:
-                time.sleep(0.01)  # about 50,000 a second: what the node reads, not the kernel's queue
+                time.sleep(0.02)  # at most 25,000 a second: what the node reads, not the kernel's queue
         for _ in range(1000):
             flood.sendto(struct.pack("<IBBH", rng.getrandbits(32), 3, 0, 40) + rng.randbytes(40), target)
         variants = [frames["data"], truncated(frames["data"], 20, keep_tunnel_length_consistent=False),
@@ -145,7 +145,7 @@ def test_udp_listener_under_flood(testbed: Testbed) -> None:
 
     sent_from_c = GARBAGE_DATAGRAMS + 1000
     # What the kernel dropped for a full receive buffer never reached the node; the rest is counted.
-    assert kernel_drops < sent_from_c // 4
+    assert kernel_drops < sent_from_c // 2
     assert grew("rx_dropped_udp_garbage") + grew("rx_dropped_udp_unknown_conn") + kernel_drops >= sent_from_c
     if kernel_drops == 0:
         assert grew("rx_dropped_udp_garbage") == GARBAGE_DATAGRAMS
