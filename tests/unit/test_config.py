@@ -133,10 +133,10 @@ EVERY_FLAG: list[tuple[list[str], str, Any]] = [
     (["-r", "0"], "rpc_portal", ("127.0.0.1", 0)),
     (["-r", "[::1]:15888"], "rpc_portal", ("::1", 15888)),
     (["-r", "localhost:15890"], "rpc_portal", ("127.0.0.1", 15890)),
+    (["--metrics-listen", "127.0.0.1:9110"], "metrics_listen", ("127.0.0.1", 9110)),
     (["--rpc-portal-whitelist", "198.18.0.0/15,::1", "--rpc-portal-whitelist", "127.0.0.1"],
      "rpc_portal_whitelist",
      [IPv4Network("198.18.0.0/15"), IPv6Network("::1/128"), IPv4Network("127.0.0.1/32")]),
-    (["--metrics-listen", "127.0.0.1:9110"], "metrics_listen", ("127.0.0.1", 9110)),
     (["--hostname", "node-a"], "hostname", "node-a"),
     (["--instance-name", "inst2"], "instance_name", "inst2"),
     (["-m", "inst3"], "instance_name", "inst3"),
@@ -171,6 +171,8 @@ EVERY_FLAG: list[tuple[list[str], str, Any]] = [
     (["--use-smoltcp"], "use_smoltcp", True),
     (["--no-tun"], "no_tun", True),
     (["--no-tun", "false"], "no_tun", False),
+    (["--disable-udp-offload"], "disable_udp_offload", True),
+    (["--state-dir", "/tmp/pytier-state"], "state_dir", Path("/tmp/pytier-state")),
     (["--peer-timeout", "2.5"], "peer_timeout_s", 2.5),
 ]
 
