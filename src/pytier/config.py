@@ -366,6 +366,8 @@ def _choice(choices: Sequence[str], aliases: dict[str, str] | None = None) -> Ca
 # ---------------------------------------------------------------------------------------------
 # The settings
 
+TUN_OFFLOAD_MODES = ("coalesce", "tso", "off")
+
 
 @dataclass
 class Config:
@@ -399,9 +401,11 @@ class Config:
     disable_quic_input: bool = False
     use_smoltcp: bool = False
     no_tun: bool = False
+    tun_offload: str = "coalesce"
     disable_udp_offload: bool = False
     state_dir: Path = DEFAULT_STATE_DIR
     peer_timeout_s: float = 30.0
+    latency_first: bool = False
     metrics_listen: tuple[str, int] | None = None  # None: no metrics endpoint
     config_file: Path | None = None  # the last --config-file, whose values win
 
@@ -458,6 +462,9 @@ _GROUPS: tuple[tuple[str, tuple[_Setting, ...]], ...] = (
         _Setting("peer_timeout_s", ("--peer-timeout",), "value",
                  "drop a peer silent for this many seconds (default: 30)",
                  parse_seconds, "SECONDS"),
+        _Setting("latency_first", ("--latency-first",), "value",
+                 "send own traffic by measured link latency and loss, not hop count "
+                 "(docs/routing.md)", parse_bool),
         _Setting("encryption_algorithm", ("--encryption-algorithm",), "value",
                  "packet cipher: aes-gcm (default), aes-256-gcm, chacha20 or xor",
                  _choice(ENCRYPTION_ALGORITHMS), "ALG"),
@@ -471,6 +478,9 @@ _GROUPS: tuple[tuple[str, tuple[_Setting, ...]], ...] = (
                  f"MTU of the TUN device, {MTU_MIN}..{MTU_MAX} (default: 1360)", parse_mtu, "BYTES"),
         _Setting("no_tun", ("--no-tun",), "value",
                  "run without a TUN device", parse_bool),
+        _Setting("tun_offload", ("--tun-offload",), "value",
+                 "coalesce (default): super-segments to the kernel; tso: both ways; off",
+                 _choice(TUN_OFFLOAD_MODES), "MODE"),
         _Setting("disable_udp_offload", ("--disable-udp-offload",), "value",
                  "one datagram per syscall on udp tunnels: no UDP GSO on send, no GRO on receive "
                  "(default: batch where the kernel can)", parse_bool),
@@ -757,7 +767,7 @@ _FLAGS: dict[str, _Known] = {
     "enable_encryption": _Known("bool", "disable_encryption", lambda on: not on),
     "enable_ipv6": _Known("bool", quiet=(True,)),
     "mtu": _Known("int", "mtu", _text(parse_mtu)),
-    "latency_first": _Known("bool", quiet=(False,)),
+    "latency_first": _Known("bool", "latency_first"),
     "enable_exit_node": _Known("bool", quiet=(False,)),
     "no_tun": _Known("bool", "no_tun"),
     "use_smoltcp": _Known("bool", "use_smoltcp"),

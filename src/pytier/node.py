@@ -18,7 +18,7 @@ from typing import Any
 
 from pytier import __version__, logs
 from pytier.config import Config, TunnelUrl, parse_peer
-from pytier.crypto import make_cipher
+from pytier.crypto import AeadCipher, make_cipher
 from pytier.errors import UserError
 from pytier.mgmt.http import MetricsHttpServer
 from pytier.mgmt.metrics import ProxyTotals, node_families, render
@@ -32,7 +32,7 @@ from pytier.peers.rpc import PeerRpc
 from pytier.proxy import kcp, quic
 from pytier.proxy.service import ProxyService
 from pytier.proxy.transport import Transport
-from pytier.tun.device import TunDevice
+from pytier.tun.device import OFFLOADS, TunDevice, offload_names
 from pytier.tun.forwarding import IP_FORWARD, SubnetForwarding
 from pytier.tun.leftovers import HostState, StateError
 from pytier.tun.netlink import LinkConfig
@@ -44,6 +44,11 @@ from pytier.wire.peer_header import PacketType
 from pytier.wire.siphash import network_secret_digest
 
 log = logging.getLogger("pytier.node")
+
+# --tun-offload: the read offloads asked of the kernel, or None for a device without a virtio header.
+# "coalesce" asks for none: cutting the kernel's super-segments in Python costs more CPU than the
+# kernel's own segmentation saves (docs/tun-offload.md), while coalescing writes saves on both nodes.
+TUN_OFFLOADS: dict[str, int | None] = {"coalesce": 0, "tso": OFFLOADS, "off": None}
 
 # Advertise no feature flags at all, as a node that predates them does: lets tests (and users
 # checking a mixed network) see the version fallback of the proxies.
@@ -94,7 +99,11 @@ class Node:
             proxy_cidrs=[str(n.exported) for n in config.proxy_networks],
             hostname=config.hostname,
             feature_flag=self.feature_flags(),
+            latency_first=config.latency_first,
+            links=self.peers.conns,
         )
+        if config.latency_first:
+            self.peers.first_hop = self.route.first_hop
         self.route.on_change = self._on_routes_changed
         self.route.on_conflict = self._on_conflict
         self.peers.on_peer_up = self.route.peer_connected
@@ -150,7 +159,7 @@ class Node:
         if tun is None or len(payload) < 20 or payload[0] >> 4 not in (4, 6):
             self.counters["rx_data_dropped"] += 1
             return
-        tun.write(payload)
+        tun.write_soon(payload)
         self.counters["rx_data_packets"] += 1
 
     def _on_tun_packets(self, packets: list[bytes]) -> None:
@@ -348,9 +357,11 @@ class Node:
         if state is not None:
             state.opening_tun(cfg.dev_name)
         try:
-            tun = TunDevice.open(cfg.dev_name)
+            tun = TunDevice.open(cfg.dev_name, offload=TUN_OFFLOADS[cfg.tun_offload])
         except OSError as exc:
             raise UserError(str(exc)) from exc
+        # Only an AEAD tag vouches that a packet is what the sending host's kernel checksummed.
+        tun.trust_checksums = isinstance(self.peers.cipher, AeadCipher)
         self._tun = tun
         if state is not None:
             state.tun_opened(tun.name)
@@ -368,7 +379,8 @@ class Node:
         except OSError as exc:
             raise UserError(f"cannot configure TUN device {tun.name}: {exc}") from exc
         tun.attach(loop, self._on_tun_packets)
-        log.info("TUN device %s up (mtu %d, %s)", tun.name, cfg.mtu, cfg.ipv4 or "no address")
+        log.info("TUN device %s up (mtu %d, %s, offload %s)", tun.name, cfg.mtu, cfg.ipv4 or "no address",
+                 ",".join(self._tun_offload()) or "off")
         if cfg.proxy_networks and cfg.ipv4 is not None:
             forwarding = SubnetForwarding(
                 f"pytier_{tun.name}", tun.name, cfg.ipv4.network,
@@ -437,8 +449,11 @@ class Node:
         tx_errors += sum(c.tunnel.stats.tx_errors for conns in self.peers.conns.values() for c in conns)
         if tx_errors:
             stats["tx_send_errors"] = tx_errors
-        if self._tun is not None and self._tun.write_drops:
-            stats["tun_write_drops"] = self._tun.write_drops
+        if self._tun is not None:
+            for name in ("write_drops", "rx_super_segments", "rx_split_packets", "rx_offload_errors",
+                         "tx_super_segments", "tx_merged_packets"):
+                if value := getattr(self._tun, name):
+                    stats[f"tun_{name}"] = value
         # What the listeners and the management API dropped or refused, by reason (docs/limits.md).
         for part in (*self._listeners, self._mgmt):
             for name, value in getattr(part, "counters", {}).items():
@@ -586,6 +601,12 @@ class Node:
             })
         return rows
 
+    def _tun_offload(self) -> list[str]:
+        tun = self._tun
+        if tun is None or not tun.vnet_hdr:
+            return []
+        return ["coalesce", *offload_names(tun.offload)]
+
     def describe_node(self) -> dict[str, Any]:
         cfg = self.config
         return {
@@ -595,6 +616,7 @@ class Node:
             "network_name": cfg.network_name,
             "instance_name": cfg.instance_name,
             "dev_name": self._tun.name if self._tun is not None else None,
+            "tun_offload": self._tun_offload(),
             "mtu": cfg.mtu,
             "listeners": list(self.listener_urls),
             "features": self.feature_flags().names(),
