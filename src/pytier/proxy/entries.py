@@ -10,6 +10,8 @@ from typing import Any
 
 # Rows stay visible this long after their connection closed, so a user sees how it ended.
 CLOSED_ROW_LINGER_S = 5.0
+# Rows held before add() drops the expired ones; then twice what was left (amortised O(1) per add).
+PURGE_MIN = 256
 
 
 class EntryState(enum.IntEnum):
@@ -67,11 +69,17 @@ class EntryTable:
         self._entries: dict[int, ProxyEntry] = {}
         self._next = 0
         self._clock = clock
+        self._purge_at = PURGE_MIN
         # Told each row as it leaves the table, so that totals over all connections (the metrics) can
         # keep what it carried.
         self.on_retire: Callable[[dict[str, Any]], None] | None = None
 
     def add(self, entry: ProxyEntry) -> int:
+        # Closed rows also go here, not only when someone lists them: a node nobody queries would
+        # otherwise keep a row for every connection it ever proxied.
+        if len(self._entries) >= self._purge_at:
+            self._purge()
+            self._purge_at = max(PURGE_MIN, 2 * len(self._entries))
         self._next += 1
         self._entries[self._next] = entry
         return self._next
@@ -85,14 +93,21 @@ class EntryTable:
             entry.state = EntryState.Closed
             entry.closed_at = self._clock()
 
-    def rows(self) -> list[dict[str, Any]]:
+    def _purge(self) -> None:
         now = self._clock()
         for key in [k for k, e in self._entries.items()
                     if e.closed_at is not None and now - e.closed_at > CLOSED_ROW_LINGER_S]:
             entry = self._entries.pop(key)
             if self.on_retire is not None:
                 self.on_retire(entry.row())
+
+    def rows(self) -> list[dict[str, Any]]:
+        self._purge()
         return [e.row() for e in self._entries.values()]
+
+    def __len__(self) -> int:
+        """Rows held, closed ones still lingering included."""
+        return len(self._entries)
 
     def live(self) -> int:
         return sum(1 for e in self._entries.values() if e.closed_at is None)

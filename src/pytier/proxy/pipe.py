@@ -54,6 +54,9 @@ async def _tcp_to_stream(reader: asyncio.StreamReader, stream: ProxyStream, entr
         else:
             entry.rx_bytes += len(data)
         stream.write(data)
+        # The frame would hold the chunk (up to READ_CHUNK) while it waits for the next one, which
+        # on an idle connection is forever: that was most of an open connection's memory.
+        del data
         await stream.drain()
 
 
@@ -71,6 +74,7 @@ async def _stream_to_tcp(stream: ProxyStream, writer: asyncio.StreamWriter, entr
         else:
             entry.tx_bytes += len(data)
         writer.write(data)
+        del data  # as above: not held while waiting
         await writer.drain()
 
 
@@ -121,6 +125,7 @@ async def _copy(src: ProxyStream, dst: ProxyStream, count: Callable[[int], None]
             return
         count(len(data))
         dst.write(data)
+        del data  # as in _tcp_to_stream: not held while waiting
         await dst.drain()
 
 

@@ -53,7 +53,9 @@ class KcpConfig:
     accept_timeout_s: float = 30.0  # IncomingConnection neither accepted nor refused
     fin_retransmit_s: float = 0.5  # first FIN retransmission while the peer's FIN is missing
     time_wait_s: float = 10.0  # how long a finished conversation still answers a late FIN
-    max_conversations: int = 4096
+    # Conversations at once (each bounded by the windows above); as many as the kernel-mode hairpin
+    # holds (nat_hairpin.DEFAULT_MAX_ENTRIES), so KCP is not what refuses the 5,000th connection.
+    max_conversations: int = 8192
 
     @property
     def mss(self) -> int:

@@ -221,8 +221,11 @@ class KcpSession:
         # Resends whose own ACK was lost but that una now covers: nothing more can show them spurious,
         # and while any is remembered every ACK packet is read for the Eifel test.
         una = kcp.snd_una
-        while resent and (next(iter(resent)) - una) & MASK32 >= 0x80000000:
-            del resent[next(iter(resent))]
+        if resent:
+            while resent and (next(iter(resent)) - una) & MASK32 >= 0x80000000:
+                del resent[next(iter(resent))]
+            if not resent:
+                self._resent = {}  # a dict keeps its table when emptied; an idle connection need not
         if kcp.rcv_nxt != rcv_nxt or kcp.nrcv_buf != nrcv_buf:
             self._echo_at_ms = now_ms + ECHO_DELAY_INTERVALS * self._interval_ms
             self._echoes_left = ECHOES
