@@ -394,3 +394,9 @@ def test_trusted_checksums_are_not_verified() -> None:
     vectors = coalesce(packets, verify=False)
     assert len(vectors) == 1
     assert unsplit(vectors)[1][60:] == bytes(damaged)[60:]
+
+
+@given(st.lists(st.binary(max_size=120) | st.builds(lambda p, cut: p[:cut], st.just(packet(1, bytes(60), 1)),
+                                                    st.integers(0, 120)), max_size=8))
+def test_coalesce_of_garbage_passes_it_through(packets: list[bytes]) -> None:
+    assert sorted(unsplit(coalesce(packets))) == sorted(packets)
