@@ -75,17 +75,18 @@ def split(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview) -> list[byt
     return split_tcp4(packet, hdr.gso_size)
 
 
-def _words(data: bytes) -> int:
-    """A number congruent (mod 0xFFFF) to the sum of `data`'s big-endian 16-bit words.
+def _words(data: bytes, start: int = 0) -> int:
+    """A number congruent (mod 0xFFFF) to the sum of the big-endian 16-bit words of `data[start:]`.
 
     As `checksum.ones_sum`, but the remainder is taken of two half-length numbers added: CPython's
     long division costs per digit, and this halves the digits it divides.
     """
-    h = (len(data) >> 2) << 1
-    tail = int.from_bytes(data[h:], "big")
-    if len(data) & 1:
+    n = len(data) - start
+    mid = start + ((n >> 2) << 1)
+    tail = int.from_bytes(data[mid:], "big")
+    if n & 1:
         tail <<= 8
-    return int.from_bytes(data[:h], "big") + tail
+    return int.from_bytes(data[start:mid], "big") + tail
 
 
 def _fold(s: int) -> int:
@@ -239,7 +240,7 @@ def _tcp_checksum_ok(pkt: bytes) -> bool:
     header's own checksum is left to the kernel, which checks it on the merged packet (every field
     of a merged segment's header is compared with the first's or follows from it).
     """
-    return (_words(pkt[12:]) + PROTO_TCP + len(pkt) - 20) % 0xFFFF == 0
+    return (_words(pkt, 12) + PROTO_TCP + len(pkt) - 20) % 0xFFFF == 0
 
 
 def coalesce(packets: Sequence[bytes], verify: bool = True) -> list[Vector]:
