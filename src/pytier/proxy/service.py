@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import socket
 import struct
 import time
@@ -100,6 +101,7 @@ class ProxyService:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        _raise_open_files_limit()
         if self._outbound and self._use_userspace:
             self._userspace = UserspaceStack(mtu=self._mtu, write_tun=self._write_tun, on_syn=self._on_us_syn)
             log.info("TCP proxy: intercepting with the user-space TCP stack (%s)",
@@ -428,6 +430,21 @@ class ProxyService:
 
     def rows(self) -> list[dict[str, Any]]:
         return self.entries.rows()
+
+
+def _raise_open_files_limit() -> None:
+    """Every proxied connection holds a socket on each node, and services often start with a soft
+    limit of 1024 open files: without this the thousandth connection fails (EMFILE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or (soft >= hard and hard != resource.RLIM_INFINITY):
+        return
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError):
+        log.info("TCP proxy: open files limited to %d (could not raise it to %d)", soft, wanted)
+        return
+    log.debug("TCP proxy: open files limit raised from %d to %d", soft, wanted)
 
 
 def _rst_for(syn: bytes) -> bytes:
