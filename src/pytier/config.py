@@ -463,8 +463,7 @@ _GROUPS: tuple[tuple[str, tuple[_Setting, ...]], ...] = (
                  "drop a peer silent for this many seconds (default: 30)",
                  parse_seconds, "SECONDS"),
         _Setting("latency_first", ("--latency-first",), "value",
-                 "send own traffic by measured link latency and loss, not hop count "
-                 "(docs/routing.md)", parse_bool),
+                 "route own traffic by link latency and loss, not hop count", parse_bool),
         _Setting("encryption_algorithm", ("--encryption-algorithm",), "value",
                  "packet cipher: aes-gcm (default), aes-256-gcm, chacha20 or xor",
                  _choice(ENCRYPTION_ALGORITHMS), "ALG"),

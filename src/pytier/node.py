@@ -26,6 +26,7 @@ from pytier.mgmt.protocol import MgmtError
 from pytier.mgmt.server import MgmtServer
 from pytier.peers.handshake import Identity
 from pytier.peers.manager import PeerManager
+from pytier.peers.path_cost import PROBE_INTERVAL_S
 from pytier.peers.peer_conn import PeerConn
 from pytier.peers.route import RouteService
 from pytier.peers.rpc import PeerRpc
@@ -104,6 +105,7 @@ class Node:
         )
         if config.latency_first:
             self.peers.first_hop = self.route.first_hop
+            self.peers.ping_interval_s = PROBE_INTERVAL_S
         self.route.on_change = self._on_routes_changed
         self.route.on_conflict = self._on_conflict
         self.peers.on_peer_up = self.route.peer_connected

@@ -174,6 +174,7 @@ EVERY_FLAG: list[tuple[list[str], str, Any]] = [
     (["--disable-udp-offload"], "disable_udp_offload", True),
     (["--state-dir", "/tmp/pytier-state"], "state_dir", Path("/tmp/pytier-state")),
     (["--peer-timeout", "2.5"], "peer_timeout_s", 2.5),
+    (["--latency-first"], "latency_first", True),
 ]
 
 

@@ -105,7 +105,7 @@ def test_full_example(tmp_path: Path) -> None:
         proxy_networks=[ProxyNetwork(IPv4Network("192.168.50.0/24")),
                         ProxyNetwork(IPv4Network("192.168.1.0/24"), IPv4Network("10.1.1.0/24"))],
         enable_kcp_proxy=True, enable_quic_proxy=True, disable_quic_input=True, use_smoltcp=True,
-        config_file=path,
+        latency_first=True, config_file=path,
     )
     where = f"config file {path} line"
     assert invocation.warnings == [
@@ -114,8 +114,6 @@ def test_full_example(tmp_path: Path) -> None:
         "skipping listeners 'wg://0.0.0.0:11011'",
         f"{where} 25: pytier does not implement wss:// tunnels (it speaks udp:// and tcp://); "
         "skipping [[peer]] uri 'wss://198.18.0.4:11012/'",
-        f"{where} 48: pytier does not implement [flags] latency_first = true; "
-        "pytier behaves as latency_first = false",
     ]
 
 
@@ -164,6 +162,7 @@ FLAGS_READ: list[tuple[str, str, Any]] = [
     ('dev_name = ""', "dev_name", "pytier0"),  # EasyTier's "pick a name"
     ("enable_encryption = false", "disable_encryption", True),
     ("mtu = 1400", "mtu", 1400),
+    ("latency_first = true", "latency_first", True),
     ("no_tun = true", "no_tun", True),
     ("use_smoltcp = true", "use_smoltcp", True),
     ("enable_kcp_proxy = true", "enable_kcp_proxy", True),
@@ -188,7 +187,6 @@ def test_flags_pytier_implements(tmp_path: Path, toml: str, attr: str, expected:
 FLAGS_WARNED: list[tuple[str, str, str | None]] = [
     ("default_protocol", '"udp"', '"tcp"'),
     ("enable_ipv6", "false", "true"),
-    ("latency_first", "true", "false"),
     ("enable_exit_node", "true", "false"),
     ("relay_network_whitelist", '"*"', '""'),
     ("disable_p2p", "false", "true"),
@@ -505,6 +503,7 @@ def test_check_config_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         'listeners = ["tcp://0.0.0.0:11010", "udp://0.0.0.0:11010"]',
         'peers = ["tcp://198.18.0.2:11010", "udp://198.18.0.3:11010"]',
         "peer_timeout = 5.0",
+        "latency_first = true",
         'encryption_algorithm = "aes-gcm"',
         "disable_encryption = false",
         'dev_name = "et0"',
@@ -526,9 +525,9 @@ def test_check_config_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ]
     assert "s3cret" not in out + err
     warnings = err.splitlines()
-    assert len(warnings) == 4
+    assert len(warnings) == 3
     assert all(w.startswith(f"pytier-core: warning: config file {path} line ") for w in warnings)
-    assert "[flags] latency_first = true" in warnings[-1]
+    assert "wss://" in warnings[-1]
 
     monkeypatch.delenv("OFFICE_SECRET")
     assert main(["--check-config", "-c", str(path)]) == 2
@@ -555,7 +554,7 @@ def test_check_config_through_the_console_script(tmp_path: Path) -> None:
     assert 'network_name = "env-net"' in ok.stdout.splitlines()
     assert 'network_secret = "***"' in ok.stdout.splitlines()
     assert "s3cret" not in ok.stdout + ok.stderr
-    assert len(ok.stderr.splitlines()) == 4
+    assert len(ok.stderr.splitlines()) == 3
 
     broken = write(tmp_path, FULL.replace("mtu = 1380", 'mtu = "1380"'), "broken.toml")
     bad = subprocess.run([CORE, "--check-config", "-c", str(broken)], capture_output=True, text=True,

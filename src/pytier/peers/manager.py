@@ -68,6 +68,10 @@ class PeerManager:
         self.cipher = cipher
         self.peer_timeout_s = peer_timeout_s
         self._next_hop = next_hop
+        # latency_first: the route service's loss-aware first hop for packets this node originates;
+        # relayed packets keep least-hop forwarding, so the choice cannot make a loop.
+        self.first_hop: NextHop | None = None
+        self.ping_interval_s = PING_INTERVAL_S
         self.conns: dict[int, list[PeerConn]] = {}
         self._by_tunnel: dict[Tunnel, PeerConn] = {}
         self._handlers: dict[int, PayloadHandler] = {}
@@ -200,7 +204,7 @@ class PeerManager:
 
     async def run_liveness(self) -> None:
         while True:
-            await asyncio.sleep(PING_INTERVAL_S)
+            await asyncio.sleep(self.ping_interval_s)
             now = time.monotonic()
             for conn in list(self._by_tunnel.values()):
                 if now - conn.last_rx > self.peer_timeout_s:
@@ -308,7 +312,12 @@ class PeerManager:
 
     # ---- send path ------------------------------------------------------------------------------
 
-    def _conn_toward(self, peer_id: int) -> PeerConn | None:
+    def _conn_toward(self, peer_id: int, first_hop: NextHop | None = None) -> PeerConn | None:
+        if first_hop is not None:
+            chosen = first_hop(peer_id)
+            conns = self.conns.get(chosen) if chosen is not None else None
+            if conns:
+                return conns[0]
         conns = self.conns.get(peer_id)
         if not conns:
             hop = self._next_hop(peer_id)
@@ -321,7 +330,7 @@ class PeerManager:
 
     def send(self, to_peer: int, packet_type: int, payload: bytes) -> bool:
         """Seal and send one payload toward ``to_peer`` (direct or via the route's next hop)."""
-        conn = self._conn_toward(to_peer)
+        conn = self._conn_toward(to_peer, self.first_hop)
         if conn is None:
             self.counters["tx_dropped_no_route"] += 1
             return False

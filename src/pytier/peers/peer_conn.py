@@ -7,6 +7,7 @@ import struct
 import time
 from collections import deque
 
+from pytier.peers.path_cost import LossEstimate
 from pytier.tunnel.base import Tunnel
 from pytier.wire.peer_header import HEADER, PacketType
 
@@ -31,6 +32,7 @@ class PeerConn:
         self._seq = 0
         self._outstanding: dict[int, float] = {}
         self._results: deque[bool] = deque(maxlen=LOSS_WINDOW)
+        self._loss = LossEstimate()
         self.rtt_s: float | None = None
         self.closed = asyncio.Event()
 
@@ -42,6 +44,7 @@ class PeerConn:
             if now - sent > PONG_TIMEOUT_S:
                 del self._outstanding[old]
                 self._results.append(False)
+                self._loss.record(True)
         return HEADER.pack(self.my_peer_id, self.peer_id, PacketType.Ping, 0, 1, 0, 4) + _SEQ.pack(seq)
 
     def on_pong(self, payload: bytes, now: float) -> None:
@@ -51,6 +54,7 @@ class PeerConn:
         if sent is None:
             return
         self._results.append(True)
+        self._loss.record(False)
         sample = now - sent
         self.rtt_s = sample if self.rtt_s is None else 0.8 * self.rtt_s + 0.2 * sample
 
@@ -59,6 +63,11 @@ class PeerConn:
         if not self._results:
             return 0.0
         return self._results.count(False) / len(self._results)
+
+    @property
+    def smoothed_loss(self) -> float:
+        """The loss share routing weighs (latency_first): smoother than `loss_rate`'s window."""
+        return self._loss.value
 
     def describe(self) -> dict[str, object]:
         st = self.tunnel.stats

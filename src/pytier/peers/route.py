@@ -4,19 +4,26 @@ It serves OspfRouteRpc.SyncRouteInfo, calls it on neighbours when the core has s
 (checked every tick and whenever something changes), sweeps stale entries, and answers route
 queries for the node. Callbacks: `on_change()` after the table changed, `on_conflict(message)` for
 duplicate virtual IPv4 addresses or peer ids.
+
+With `latency_first`, this node's own traffic also gets a loss-aware first hop per destination
+(`first_hop`, see `pytier.peers.path_cost`), re-evaluated every tick from the measured links. What
+route sync advertises and how relayed packets are forwarded stay EasyTier's: least hops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import Enum
 from ipaddress import IPv4Address, IPv4Interface
 
+from pytier.peers.path_cost import Candidate, FirstHopChooser, LinkState, Switch, candidates
+from pytier.peers.peer_conn import PeerConn
 from pytier.peers.route_sync import (
     DEFAULT_EASYTIER_VERSION,
     OSPF_ROUTE_SERVICE,
@@ -60,7 +67,11 @@ class RouteService:
         easytier_version: str = DEFAULT_EASYTIER_VERSION,
         on_change: Callable[[], None] | None = None,
         on_conflict: Callable[[str], None] | None = None,
+        latency_first: bool = False,
+        links: Mapping[int, Sequence[PeerConn]] | None = None,
     ) -> None:
+        """`links`: the live connections per neighbour (the first one carries traffic), measured for
+        `latency_first`."""
         self._rpc = rpc
         self._clock = clock
         my_info = MyInfo(ipv4, tuple(proxy_cidrs), hostname, feature_flag or PeerFeatureFlag())
@@ -79,6 +90,9 @@ class RouteService:
         self._task: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._links = links if links is not None else {}
+        self._chooser = FirstHopChooser() if latency_first else None
+        self._first_hops: dict[int, int] = {}
         rpc.register(OSPF_ROUTE_SERVICE, SYNC_ROUTE_INFO, self._on_sync_request)
 
     # ---- this node --------------------------------------------------------------------------
@@ -130,7 +144,12 @@ class RouteService:
     # ---- queries ----------------------------------------------------------------------------
 
     def next_hop(self, peer_id: int) -> int | None:
+        """The least-hop next hop, as every node computes it: relayed packets go this way."""
         return self._core.next_hop(peer_id)
+
+    def first_hop(self, peer_id: int) -> int | None:
+        """With latency_first, the loss-aware first hop for this node's own packets to `peer_id`."""
+        return self._first_hops.get(peer_id)
 
     def peer_for_ipv4(self, addr: IPv4Address) -> int | None:
         """Exact virtual IPv4 first; outside our own subnet, the longest proxied CIDR."""
@@ -140,8 +159,19 @@ class RouteService:
         return self._core.peer_info(peer_id)
 
     def routes(self) -> list[RouteEntry]:
-        """Reachable peers with a known RoutePeerInfo, by peer id."""
-        return self._core.routes()
+        """Reachable peers with a known RoutePeerInfo, by peer id; with latency_first, the first hop
+        and hop count this node's own traffic uses."""
+        entries = self._core.routes()
+        chooser = self._chooser
+        if chooser is None:
+            return entries
+        out = []
+        for e in entries:
+            chosen = chooser.choice(e.peer_id)
+            if chosen is not None:
+                e = dataclasses.replace(e, next_hop=chosen.hop, cost=chosen.hops)
+            out.append(e)
+        return out
 
     def reachable_peers(self) -> set[int]:
         return self._core.reachable_peers()
@@ -175,6 +205,7 @@ class RouteService:
     async def _run(self) -> None:
         timers = self._core.timers
         next_sweep = self._clock() + timers.sweep_s
+        next_choice = self._clock()
         while True:
             self._wake.clear()
             now = self._clock()
@@ -182,6 +213,9 @@ class RouteService:
                 if now >= next_sweep:
                     self._core.sweep(now)
                     next_sweep = now + timers.sweep_s
+                if self._chooser is not None and now >= next_choice:
+                    self._choose_first_hops(self._chooser, now)
+                    next_choice = now + timers.tick_s
                 for out in self._core.poll(now):
                     task = asyncio.create_task(self._sync(out))
                     self._calls.add(task)
@@ -217,6 +251,37 @@ class RouteService:
         else:
             self._core.handle_sync_response(out.peer_id, out.token, response, self._clock())
         self._after_core()
+
+    def _choose_first_hops(self, chooser: FirstHopChooser, now: float) -> None:
+        table = self._core.table
+        neighbours = self._core.neighbours()
+        links = {
+            peer: LinkState(None if conns[0].rtt_s is None else conns[0].rtt_s * 1000, conns[0].smoothed_loss)
+            for peer, conns in self._links.items()
+            if conns and peer in neighbours
+        }
+        reachable = {p: c for p in table.reachable_peers() if (c := table.cost(p)) is not None}
+        options = candidates(reachable, links, {p: table.hops_from(p) for p in links})
+        for switch in chooser.update(now, options):
+            self._log_switch(switch, links)
+        self._first_hops = chooser.first_hops()
+
+    def _log_switch(self, switch: Switch, links: Mapping[int, LinkState]) -> None:
+        def via(c: Candidate) -> str:
+            link = links.get(c.hop)
+            measured = "" if link is None else f", link {link.loss:.0%} loss"
+            if link is not None and link.latency_ms is not None:
+                measured += f" {link.latency_ms:.1f} ms"
+            where = "direct" if c.hop == switch.dest else f"via {self._name(c.hop)}"
+            return f"{where} (cost {c.cost:.1f}{measured})"
+
+        log.info("traffic to %s now goes %s instead of %s", self._name(switch.dest), via(switch.new),
+                 via(switch.old))
+
+    def _name(self, peer_id: int) -> str:
+        info = self._core.peer_info(peer_id)
+        hostname = info.hostname if info is not None else None
+        return f"peer {peer_id} ({hostname})" if hostname else f"peer {peer_id}"
 
     def _after_core(self) -> None:
         self._dispatch_events()

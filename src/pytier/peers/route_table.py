@@ -37,7 +37,10 @@ class RouteTable:
         self.my_peer_id = my_peer_id
         self.my_ipv4 = my_ipv4
         self._infos = dict(infos)
-        hops, costs = _least_hop_paths(my_peer_id, set(neighbours), self._infos, conns)
+        self._neighbours = set(neighbours)
+        self._conns = conns
+        self._hops_from: dict[int, dict[int, int]] = {}
+        hops, costs = _least_hop_paths(my_peer_id, self._neighbours, self._infos, conns)
         self._next_hop = hops
         self._cost = costs
         self._routes = [
@@ -63,6 +66,14 @@ class RouteTable:
 
     def reachable_peers(self) -> set[int]:
         return set(self._next_hop)
+
+    def hops_from(self, source: int) -> dict[int, int]:
+        """Least-hop distance from `source` to every node it reaches in this graph (itself: 0)."""
+        found = self._hops_from.get(source)
+        if found is None:
+            found = _hop_counts(source, self.my_peer_id, self._neighbours, self._infos, self._conns)
+            self._hops_from[source] = found
+        return found
 
     def routes(self) -> list[RouteEntry]:
         return list(self._routes)
@@ -157,3 +168,25 @@ def _least_hop_paths(
             cost[peer] = depth
         frontier = sorted(reached)
     return next_hop, cost
+
+
+def _hop_counts(
+    source: int,
+    me: int,
+    neighbours: set[int],
+    infos: Mapping[int, RoutePeerInfo],
+    conns: Mapping[int, Collection[int]],
+) -> dict[int, int]:
+    """Breadth-first hop counts from `source` over the same graph `_least_hop_paths` walks."""
+    known = neighbours | set(infos) | {me}
+    hops = {source: 0}
+    frontier = [source]
+    while frontier:
+        reached = []
+        for node in frontier:
+            for peer in neighbours if node == me else conns.get(node, ()):
+                if peer not in hops and peer in known:
+                    hops[peer] = hops[node] + 1
+                    reached.append(peer)
+        frontier = reached
+    return hops
