@@ -481,8 +481,7 @@ _GROUPS: tuple[tuple[str, tuple[_Setting, ...]], ...] = (
                  "coalesce (default): super-segments to the kernel; tso: both ways; off",
                  _choice(TUN_OFFLOAD_MODES), "MODE"),
         _Setting("disable_udp_offload", ("--disable-udp-offload",), "value",
-                 "one datagram per syscall on udp tunnels: no UDP GSO on send, no GRO on receive "
-                 "(default: batch where the kernel can)", parse_bool),
+                 "no UDP GSO/GRO batching on udp tunnels", parse_bool),
         _Setting("state_dir", ("--state-dir",), "value",
                  f"where to note host changes, undone after a crash (default: {DEFAULT_STATE_DIR})",
                  parse_state_dir, "DIR"),

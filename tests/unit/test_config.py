@@ -172,6 +172,7 @@ EVERY_FLAG: list[tuple[list[str], str, Any]] = [
     (["--no-tun"], "no_tun", True),
     (["--no-tun", "false"], "no_tun", False),
     (["--disable-udp-offload"], "disable_udp_offload", True),
+    (["--tun-offload", "tso"], "tun_offload", "tso"),
     (["--state-dir", "/tmp/pytier-state"], "state_dir", Path("/tmp/pytier-state")),
     (["--peer-timeout", "2.5"], "peer_timeout_s", 2.5),
     (["--latency-first"], "latency_first", True),
