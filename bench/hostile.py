@@ -178,11 +178,11 @@ HANDSHAKE_OUTCOMES = ("tunnels_refused_half_open_per_source", "tunnels_refused_h
                       "handshake_failed_malformed")
 
 
-def print_table(phases: list[Phase], command: str, started: str, wall_s: float) -> None:
+def print_table(phases: list[Phase], command: str, started: str, load: float, wall_s: float) -> None:
     revision = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always",
                                "--dirty"], capture_output=True, text=True, check=False).stdout.strip()
     print(f"\n$ {command}")
-    print(f"({started}, {os.cpu_count()} cores, load before {os.getloadavg()[0]:.2f}, pytier {revision}, "
+    print(f"({started}, {os.cpu_count()} cores, load before {load:.2f}, pytier {revision}, "
           f"wall time {wall_s / 60:.1f} min)")
     print(f"{'phase':<34} {'sent':>9} {'counted':>9} {'kernel drop':>11} {'RSS MiB':>13} {'fds':>9}  "
           "B's pings (recv/sent, p50/max)")
@@ -203,7 +203,7 @@ def main() -> int:
     parser.add_argument("--tcp-attempts", type=int, default=10_000, help="TCP connections (default 10000)")
     args = parser.parse_args()
     command = " ".join(["sudo", ".venv/bin/python", *sys.argv] if os.getuid() == 0 else sys.argv)
-    started, t0 = time.strftime("%Y-%m-%d %H:%M"), time.monotonic()
+    started, t0, load = time.strftime("%Y-%m-%d %H:%M"), time.monotonic(), os.getloadavg()[0]
     phases: list[Phase] = []
     with Testbed() as tb:
         a, b, c = tb.netns("a"), tb.netns("b"), tb.netns("c")
@@ -232,7 +232,7 @@ def main() -> int:
         finally:
             sniffer.close()
         log = na.log()
-    print_table(phases, command, started, time.monotonic() - t0)
+    print_table(phases, command, started, load, time.monotonic() - t0)
     # The node runs at debug level; a user's default (info) shows only the lines that are not debug.
     shown = [line for line in log.splitlines() if " DEBUG " not in line]
     about = [line for line in shown if "dropped a datagram" in line or "refused" in line]
