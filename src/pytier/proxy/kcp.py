@@ -50,6 +50,7 @@ class KcpStream:
         self._writable = asyncio.Event()
         self._pending = bytearray()
         self._eof_wanted = False
+        self._close_wanted = False
         self._final_stats: dict[str, Any] = {}
 
     # ---- events from the endpoint -----------------------------------------------------------
@@ -83,6 +84,9 @@ class KcpStream:
         if not self._pending and self._eof_wanted:
             ep.shutdown_write(self.handle)
             self._eof_wanted = False
+        if not self._pending and self._close_wanted:
+            ep.close(self.handle)
+            self._close_wanted = False
         if len(self._pending) < WRITE_BUFFER_HIGH:
             self._writable.set()
 
@@ -123,13 +127,23 @@ class KcpStream:
         self._t.kick()
 
     def abort(self) -> None:
+        self._pending.clear()
+        self._close_wanted = False
         if self._closed_reason is None:
             self._t.endpoint.abort(self.handle)
             self._t.kick()
 
     def close(self) -> None:
         if self._closed_reason is None:
-            self._t.endpoint.close(self.handle)
+            if self._pending:
+                # KCP takes no data after its close (that sends FIN once what it holds is
+                # acknowledged), so bytes still waiting here for its window go in first: closing at
+                # once cut both ways' last bytes off behind a clean FIN when both sides finished
+                # sending at about the same time.
+                self._close_wanted = True
+                self._push()
+            else:
+                self._t.endpoint.close(self.handle)
             self._t.kick()
 
     def stats(self) -> dict[str, Any]:
