@@ -126,8 +126,9 @@ def fault(bed: Bed, kind: str, args: argparse.Namespace) -> None:
     else:
         old, bed.addr_b = ADDRS_B[bed.addr_b], 1 - bed.addr_b
         ns: Netns = bed.b
-        ns.run(["ip", "addr", "add", ADDRS_B[bed.addr_b], "dev", bed.if_b])
+        # Deleted first: deleting a subnet's primary address takes its secondaries with it.
         ns.run(["ip", "addr", "del", old, "dev", bed.if_b])
+        ns.run(["ip", "addr", "add", ADDRS_B[bed.addr_b], "dev", bed.if_b])
 
 
 def one_round(bed: Bed, kind: str, n: int, args: argparse.Namespace, tally: Tally) -> None:
@@ -173,7 +174,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--proxies", default="kcp,quic", help="kcp,quic")
     parser.add_argument("--faults", default=",".join(FAULTS), help=",".join(FAULTS))
     parser.add_argument("--conns", type=int, default=4, help="connections per round (4)")
-    parser.add_argument("--bytes", type=int, default=8 << 20, help="bytes each way per connection (8 MiB)")
+    parser.add_argument("--bytes", type=int, default=32 << 20, help="bytes each way per connection (32 MiB)")
     parser.add_argument("--loss", type=int, default=5, help="random loss %% on both veth ends (5)")
     parser.add_argument("--blackout", type=float, default=10.0, help="seconds of 100%% loss (10)")
     parser.add_argument("--bound", type=float, default=120.0,

@@ -25,7 +25,8 @@ Session rules (wire protocol notes §7.1, with pytier's improvements):
 * PING is answered with PING|PONG unless the conversation is unknown or finished (then RST);
   any packet refreshes liveness; silence for the idle timeout drops the conversation.
 * unknown triple: RST is ignored, everything but a SYN is answered with RST.
-* a segment unacknowledged after KcpConfig.dead_link transmissions ends the conversation (RST).
+* a segment unacknowledged after KcpConfig.dead_link transmissions ends the conversation (RST) if
+  the peer is still heard from and nothing more is acknowledged for KcpConfig.dead_link_grace_s.
 
 Sending is paced per peer (kcp_pacer): the conversations with one peer share one delivery-rate
 estimate and split it equally. Back-pressure: `writable(handle)` (0 = stop reading the TCP side);
@@ -116,6 +117,9 @@ class _Stream:
         "closing",
         "conn_data",
         "conv",
+        "dead_heard",
+        "dead_since",
+        "dead_una",
         "deadline",
         "fin_at",
         "fin_backoff",
@@ -170,6 +174,9 @@ class _Stream:
         self.closing = False
         self.read_paused = False
         self.wake = -1.0
+        self.dead_since = -1.0  # when a segment at the dead-link count was seen, una unchanged since
+        self.dead_una = 0
+        self.dead_heard = -1.0  # when the peer was first heard from after that
 
 
 class KcpEndpoint:
@@ -809,8 +816,29 @@ class KcpEndpoint:
             ptype = KCP_DST if not stream.initiator else KCP_SRC
             self._out.extend((to_peer, ptype, prefix + body) for body in bodies)
         if session.dead:
-            self._send_flag(stream, stream.conv, F_RST)
-            self._finish(stream, CloseReason.DEAD_LINK)
+            self._on_dead_link(stream, session)
+
+    def _on_dead_link(self, stream: _Stream, session: KcpSession) -> None:
+        """A segment went through `dead_link` transmissions. That ends the conversation only if the
+        peer is heard from afterwards (it answers pings) and still nothing more gets acknowledged
+        for `dead_link_grace_s`: counted alone, an outage of ~10 s on a fast path (the
+        retransmission timer grows slowly) reset every connection that the path, once back, would
+        have carried on. A silent peer is the idle timeout's (and the peer table's) to end."""
+        session.clear_dead()
+        now = self._now
+        una = session.snd_una
+        if stream.dead_since < 0 or stream.dead_una != una:
+            stream.dead_since = now
+            stream.dead_una = una
+            stream.dead_heard = -1.0
+        elif stream.last_rx > stream.dead_since:
+            # The grace runs from when the peer was heard again, so a path that comes back after
+            # a long outage has the grace to get its acknowledgements through.
+            if stream.dead_heard < 0:
+                stream.dead_heard = now
+            elif now - stream.dead_heard >= self.config.dead_link_grace_s:
+                self._send_flag(stream, stream.conv, F_RST)
+                self._finish(stream, CloseReason.DEAD_LINK)
 
     def _send_flag(self, stream: _Stream, conv: int, flag: int, body: bytes = b"") -> None:
         if stream.initiator:

@@ -314,9 +314,22 @@ class KcpSession:
 
     @property
     def dead(self) -> bool:
-        """ikcp gave up: a segment reached `dead_link` transmissions."""
+        """ikcp gave up: a segment reached `dead_link` transmissions (since the last `clear_dead`)."""
         kcp = self._kcp
         return kcp is not None and kcp.state != 0
+
+    def clear_dead(self) -> None:
+        """ikcp's flag is sticky but changes nothing in ikcp; cleared, it is raised again by the next
+        transmission of a segment at or above `dead_link`."""
+        kcp = self._kcp
+        if kcp is not None:
+            kcp.state = 0
+
+    @property
+    def snd_una(self) -> int:
+        """The oldest sequence number not yet acknowledged."""
+        kcp = self._kcp
+        return 0 if kcp is None else int(kcp.snd_una)
 
     @property
     def unacked(self) -> int:
