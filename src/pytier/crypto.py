@@ -40,6 +40,8 @@ class Cipher(Protocol):
 
     def nonce_of(self, sealed: BytesLike) -> bytes: ...
 
+    def open_at(self, packet: bytes, offset: int) -> tuple[bytes, bytes]: ...
+
 
 class _Aead(Protocol):
     def encrypt(self, nonce: bytes, data: BytesLike, associated_data: bytes | None) -> bytes: ...
@@ -83,6 +85,17 @@ class AeadCipher:
             return b""
         return bytes(sealed[-NONCE_LEN:])
 
+    def open_at(self, packet: bytes, offset: int) -> tuple[bytes, bytes]:
+        """(plaintext, nonce) of the sealed payload that starts at `offset` of `packet`: the receive
+        path's one call per packet, without copying the payload out first."""
+        if len(packet) - offset < TAG_LEN + NONCE_LEN:
+            raise DecryptError(f"sealed payload of {len(packet) - offset} bytes is shorter than its tail")
+        nonce = packet[-NONCE_LEN:]
+        try:
+            return self._aead.decrypt(nonce, memoryview(packet)[offset:-NONCE_LEN], None), nonce
+        except InvalidTag:
+            raise DecryptError("authentication failed") from None
+
 
 class XorCipher:
     """EasyTier's `xor`: repeating-key XOR, same length, no tail and no integrity.
@@ -112,6 +125,9 @@ class XorCipher:
 
     def nonce_of(self, sealed: BytesLike) -> bytes:
         return b""
+
+    def open_at(self, packet: bytes, offset: int) -> tuple[bytes, bytes]:
+        return self._apply(memoryview(packet)[offset:]), b""
 
 
 _FACTORIES: dict[str, Callable[[str], Cipher]] = {
@@ -145,7 +161,7 @@ class ReplayFilter:
     An empty nonce (XOR, or a payload too short to carry one) cannot be checked and passes.
     """
 
-    __slots__ = ("_generation", "_max_peers", "_peers")
+    __slots__ = ("_generation", "_last", "_max_peers", "_peers")
 
     def __init__(self, capacity: int = 65536, max_peers: int = 1024) -> None:
         if capacity < 2 or max_peers < 1:
@@ -153,31 +169,42 @@ class ReplayFilter:
         self._generation = capacity // 2
         self._max_peers = max_peers
         self._peers: OrderedDict[int, tuple[set[bytes], set[bytes]]] = OrderedDict()
+        # The peer of the previous call, which is the most recently used already: a run of packets
+        # from one peer skips the LRU bookkeeping.
+        self._last: int | None = None
 
     def check_and_add(self, peer_id: int, nonce: bytes) -> bool:
         """True if `nonce` is new for this peer (and now remembered), False for a replay."""
         if not nonce:
             return True
-        entry = self._peers.get(peer_id)
-        if entry is None:
-            entry = (set(), set())
-            self._peers[peer_id] = entry
-            if len(self._peers) > self._max_peers:
-                self._peers.popitem(last=False)
+        peers = self._peers
+        if peer_id == self._last:
+            entry = peers[peer_id]
         else:
-            self._peers.move_to_end(peer_id)
+            got = peers.get(peer_id)
+            if got is None:
+                entry = (set(), set())
+                peers[peer_id] = entry
+                if len(peers) > self._max_peers:
+                    peers.popitem(last=False)
+            else:
+                entry = got
+                peers.move_to_end(peer_id)
+            self._last = peer_id
         current, previous = entry
         if nonce in current or nonce in previous:
             return False
         if len(current) >= self._generation:
             previous = current
             current = set()
-            self._peers[peer_id] = (current, previous)
+            peers[peer_id] = (current, previous)
         current.add(nonce)
         return True
 
     def forget(self, peer_id: int) -> None:
         self._peers.pop(peer_id, None)
+        if peer_id == self._last:
+            self._last = None
 
     def remembered(self, peer_id: int) -> int:
         """How many nonces are held for this peer."""

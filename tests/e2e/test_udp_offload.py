@@ -32,13 +32,15 @@ async def _exchange(datagrams: list[tuple[bytes, int]], offload: bool, refuse_gs
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         sock.bind(("127.0.0.1", 0))
-        receivers.append(UdpSocket(sock, lambda v, _a, i=index: got.append((bytes(v), i)), lambda e: None,
-                                   offload=offload))
+        def on_datagrams(view: memoryview, seg: int, _addr: object, index: int = index) -> None:
+            got.extend((bytes(view[off:off + seg]), index) for off in range(0, max(len(view), 1), seg))
+
+        receivers.append(UdpSocket(sock, on_datagrams, lambda e: None, offload=offload))
     tx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     tx_sock.bind(("127.0.0.1", 0))
     if refuse_gso:
         tx_sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
-    sender = UdpSocket(tx_sock, lambda v, a: None, lambda e: None, offload=offload)
+    sender = UdpSocket(tx_sock, lambda v, s, a: None, lambda e: None, offload=offload)
     addrs = [r.sock.getsockname() for r in receivers]
     for payload, index in datagrams:
         sender.send(payload, addrs[index])
@@ -59,6 +61,7 @@ def _traffic() -> list[tuple[bytes, int]]:
     out += [(b"short", 0), (b"x" * 1400, 0)]
     out += [(bytes([i]) * 900, i % 2) for i in range(20)]
     out += [(bytes([i]) * 64, 1) for i in range(70)]
+    out += [(b"", 0), (b"", 1)]
     return out
 
 

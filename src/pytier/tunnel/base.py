@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger("pytier.tunnel")
 
 PacketHandler = Callable[["Tunnel", bytes], None]
+BatchHandler = Callable[["Tunnel", list[bytes]], None]
 CloseHandler = Callable[["Tunnel", str], None]
 
 
@@ -41,12 +42,16 @@ class Tunnel:
         self.closed = False
         self.close_reason = ""
         self._on_packet: PacketHandler | None = None
+        self._on_packets: BatchHandler | None = None
         self._on_close: CloseHandler | None = None
         # Packets that arrive before the owner attached (e.g. right after a UDP Sack) wait here.
         self._early: list[bytes] = []
 
-    def set_handlers(self, on_packet: PacketHandler, on_close: CloseHandler) -> None:
+    def set_handlers(self, on_packet: PacketHandler, on_close: CloseHandler,
+                     on_packets: BatchHandler | None = None) -> None:
+        """`on_packets`, if given, takes the batches that `deliver_many` hands over in one call."""
         self._on_packet = on_packet
+        self._on_packets = on_packets
         self._on_close = on_close
         early, self._early = self._early, []
         for pkt in early:
@@ -63,6 +68,18 @@ class Tunnel:
                 self._early.append(packet)
             return
         handler(self, packet)
+
+    def deliver_many(self, packets: list[bytes]) -> None:
+        """Several packets that arrived together (one GRO read), in order."""
+        batch = self._on_packets
+        if batch is None or self._on_packet is None:
+            for packet in packets:
+                self.deliver(packet)
+            return
+        stats = self.stats
+        stats.rx_packets += len(packets)
+        stats.rx_bytes += sum(map(len, packets))
+        batch(self, packets)
 
     def send(self, packet: bytes) -> None:
         raise NotImplementedError

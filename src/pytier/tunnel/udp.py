@@ -102,7 +102,7 @@ class UdpListener:
             sock.close()
             raise
         proto = cls(on_tunnel)
-        proto._sock = UdpSocket(sock, proto._on_datagram, proto._on_error, offload=offload)
+        proto._sock = UdpSocket(sock, proto._on_datagrams, proto._on_error, offload=offload)
         proto.local_addr = _fmt(sock.getsockname())
         return proto
 
@@ -114,6 +114,32 @@ class UdpListener:
     @property
     def tx_errors(self) -> int:
         return self._sock.stats.tx_errors if self._sock is not None else 0
+
+    def _on_datagrams(self, data: memoryview, seg: int, addr: tuple[str, int]) -> None:
+        n = len(data)
+        tun = self._tunnels.get(addr) if seg < n else None
+        if tun is None:
+            if seg >= n:  # one datagram, perhaps an empty one
+                self._on_datagram(data, addr)
+                return
+            for off in range(0, n, seg):
+                self._on_datagram(data[off:off + seg], addr)
+            return
+        # A GRO run from one sender: its Data datagrams go up as one batch, in order with the rest.
+        conn_id, packets = tun.conn_id, []
+        for off in range(0, n, seg):
+            d = data[off:off + seg]
+            if len(d) >= 8 and d[4] == _DATA:
+                cid, _, _, length = _UDP_HDR.unpack_from(d)
+                if cid == conn_id and length == len(d) - 8:
+                    packets.append(bytes(d[8:]))
+                    continue
+            if packets:
+                tun.deliver_many(packets)
+                packets = []
+            self._on_datagram(d, addr)
+        if packets:
+            tun.deliver_many(packets)
 
     def _on_datagram(self, data: memoryview, addr: tuple[str, int]) -> None:
         if len(data) >= 8 and data[4] == _DATA:
@@ -190,6 +216,28 @@ class _UdpClient:
         self.conn_id = 0
         self.magic = b""
 
+    def on_datagrams(self, data: memoryview, seg: int, addr: tuple[str, int]) -> None:
+        n = len(data)
+        tun = self.tunnel
+        if seg >= n:  # one datagram, perhaps an empty one
+            self.on_datagram(data, addr)
+            return
+        if tun is None:
+            for off in range(0, n, seg):
+                self.on_datagram(data[off:off + seg], addr)
+            return
+        conn_id, packets = tun.conn_id, []
+        for off in range(0, n, seg):
+            d = data[off:off + seg]
+            if len(d) >= 8 and d[4] == _DATA:
+                cid, _, _, length = _UDP_HDR.unpack_from(d)
+                if cid == conn_id and length == len(d) - 8:
+                    packets.append(bytes(d[8:]))
+                    continue
+            tun.stats.rx_malformed += 1
+        if packets:
+            tun.deliver_many(packets)
+
     def on_datagram(self, data: memoryview, addr: tuple[str, int]) -> None:
         tun = self.tunnel
         if tun is not None:
@@ -235,7 +283,7 @@ async def connect_udp(host: str, port: int, *, offload: bool = True) -> Tunnel:
         sock.close()
         raise
     client = _UdpClient()
-    usock = UdpSocket(sock, client.on_datagram, client.on_error, connected=True, offload=offload)
+    usock = UdpSocket(sock, client.on_datagrams, client.on_error, connected=True, offload=offload)
     client.conn_id = secrets.randbits(32)
     client.magic = os.urandom(8)
     client.sack = loop.create_future()

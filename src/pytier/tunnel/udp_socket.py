@@ -37,7 +37,9 @@ _GRO_SIZE = struct.Struct("=i")
 _GSO_REFUSED = frozenset((errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT))
 
 Address = tuple[str, int] | None  # None: the socket is connected
-DatagramHandler = Callable[[memoryview, "tuple[str, int]"], None]
+# (datagrams, segment size, sender): `datagrams` holds one datagram, or a GRO run of datagrams of
+# `segment size` bytes each from one sender (the last may be shorter).
+DatagramHandler = Callable[[memoryview, int, "tuple[str, int]"], None]
 ErrorHandler = Callable[[OSError], None]
 
 
@@ -54,17 +56,17 @@ class SocketStats:
 
 
 class UdpSocket:
-    """One non-blocking UDP socket. `on_datagram(view, addr)` gets each datagram as a view that is
-    valid only during the call (copy what you keep); `on_error` gets errors the kernel reports for
-    the socket (ICMP unreachable on a connected socket, refused sends)."""
+    """One non-blocking UDP socket. `on_datagrams(view, segment, addr)` gets what each read returned
+    as a view that is valid only during the call (copy what you keep); `on_error` gets errors the
+    kernel reports for the socket (ICMP unreachable on a connected socket, refused sends)."""
 
-    def __init__(self, sock: socket.socket, on_datagram: DatagramHandler, on_error: ErrorHandler,
+    def __init__(self, sock: socket.socket, on_datagrams: DatagramHandler, on_error: ErrorHandler,
                  *, connected: bool = False, offload: bool = True) -> None:
         self.sock = sock
         self.stats = SocketStats()
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
-        self._on_datagram = on_datagram
+        self._on_datagrams = on_datagrams
         self._on_error = on_error
         self._connected = connected
         self._buf = bytearray(RECV_BUFFER)
@@ -103,15 +105,12 @@ class UdpSocket:
                 if level == SOL_UDP and kind == UDP_GRO and len(data) >= _GRO_SIZE.size:
                     seg = _GRO_SIZE.unpack_from(data)[0] or n
             if seg >= n:
+                seg = n
                 stats.rx_datagrams += 1
-                self._on_datagram(view[:n], addr)
-                continue
-            stats.rx_gro_batches += 1
-            for off in range(0, n, seg):
-                stats.rx_datagrams += 1
-                self._on_datagram(view[off:min(off + seg, n)], addr)
-                if self._closed:
-                    return
+            else:
+                stats.rx_gro_batches += 1
+                stats.rx_datagrams += -(-n // seg)
+            self._on_datagrams(view[:n], max(seg, 1), addr)
 
     # ---- send ------------------------------------------------------------------------------------
 
@@ -135,11 +134,11 @@ class UdpSocket:
             addr, first = queue[i]
             size = len(first)
             j = i + 1
-            if self.gso and size <= self._gso_max_size:
+            if self.gso and 0 < size <= self._gso_max_size:
                 limit = i + min(MAX_GSO_SEGMENTS, MAX_UDP_PAYLOAD // size)
                 while j < end and j < limit:
                     a, d = queue[j]
-                    if a != addr or len(d) > size:
+                    if a != addr or len(d) > size or not d:  # an empty one would vanish in a run
                         break
                     j += 1
                     if len(d) < size:  # a shorter datagram may only end a run
