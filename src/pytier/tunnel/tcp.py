@@ -33,6 +33,10 @@ class _TcpTunnel(Tunnel, asyncio.Protocol):
         self._decoder = TcpFrameDecoder()
         self._transport: asyncio.Transport | None = None
         self._listener = listener
+        # Frames sent during one loop iteration leave in one write: with TCP_NODELAY a write per
+        # packet would be a syscall and a TCP segment per packet.
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -58,8 +62,10 @@ class _TcpTunnel(Tunnel, asyncio.Protocol):
                 self._listener.counters["rx_dropped_tcp_bad_frame"] += 1
             self.close(f"bad frame: {exc}")
             return
-        for frame in frames:
-            self.deliver(frame)
+        if len(frames) == 1:
+            self.deliver(frames[0])
+        elif frames:
+            self.deliver_many(frames)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close(f"connection lost: {exc}" if exc else "connection closed by peer")
@@ -68,7 +74,7 @@ class _TcpTunnel(Tunnel, asyncio.Protocol):
         t = self._transport
         if self.closed or t is None:
             return
-        if t.get_write_buffer_size() > MAX_WRITE_BUFFER_BYTES:
+        if t.get_write_buffer_size() + self._pending_bytes > MAX_WRITE_BUFFER_BYTES:
             self.stats.tx_errors += 1
             return
         try:
@@ -76,9 +82,19 @@ class _TcpTunnel(Tunnel, asyncio.Protocol):
         except WireError:
             self.stats.tx_errors += 1
             return
-        t.write(frame)
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(frame)
+        self._pending_bytes += len(frame)
         self.stats.tx_packets += 1
         self.stats.tx_bytes += len(packet)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self._pending_bytes = 0
+        t = self._transport
+        if pending and t is not None and not t.is_closing():
+            t.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def _close_transport(self) -> None:
         if self._transport is not None:

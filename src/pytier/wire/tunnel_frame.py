@@ -89,13 +89,16 @@ class TcpFrameDecoder:
         frames: list[bytes] = []
         pos = 0
         end = len(buf)
-        while end - pos >= 4:
-            (n,) = _tcp_len_unpack_from(buf, pos)
-            _check_body_len(n)
-            if end - pos - 4 < n:
-                break
-            frames.append(bytes(buf[pos + 4 : pos + 4 + n]))
-            pos += 4 + n
+        # Frames are copied out of a view of the buffer once, not sliced into a bytearray first;
+        # the view must be gone before the buffer shrinks.
+        with memoryview(buf) as view:
+            while end - pos >= 4:
+                (n,) = _tcp_len_unpack_from(buf, pos)
+                _check_body_len(n)
+                if end - pos - 4 < n:
+                    break
+                frames.append(bytes(view[pos + 4 : pos + 4 + n]))
+                pos += 4 + n
         if pos:
             del buf[:pos]
         return frames
