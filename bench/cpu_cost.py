@@ -21,10 +21,10 @@ CPU is that of each node's process during the iperf3 run; per GB means per 10^9 
 iperf3's receiver counted.
 
     sudo .venv/bin/python bench/cpu_cost.py [--seconds 10] [--rows pytier-plain,...] [--paths veth,loss]
-        [--profile]
+        [--profile [ROW]]
 
---profile runs the receiving node A of the pytier-plain row on the bare veth under cProfile and
-prints where its time goes.
+--profile [ROW] runs the receiving node A of that pytier row (default pytier-plain) on the bare
+veth under cProfile and prints where its time goes.
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10, help="iperf3 -t (default 10)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"subset of {','.join(PATHS)}")
-    parser.add_argument("--profile", action="store_true",
-                        help="profile node A of the pytier-plain row on the bare veth")
+    parser.add_argument("--profile", nargs="?", const="pytier-plain", metavar="ROW",
+                        help="profile node A of this pytier row (default pytier-plain) on the bare veth")
     args = parser.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
@@ -156,7 +156,7 @@ def main() -> int:
                 link = tb.linked_pair(pg.DELAY_MS, LOSS_PCT, pg.RATE_MBIT, queue_ms=pg.QUEUE_MS,
                                       seed=pg.seed_for(LOSS_PCT))
             for row in rows:
-                wanted = profile if path == "veth" and row == "pytier-plain" else None
+                wanted = profile if path == "veth" and row == args.profile else None
                 cells[(row, path)] = measure(row, tb, link, args, run.logdir, path, wanted)
                 print(f"{path} {row}: {cells[(row, path)].mbit}", file=sys.stderr, flush=True)
     run.print_header()
@@ -166,7 +166,8 @@ def main() -> int:
         for note in cell.notes:
             print(f"  note {path} {row}: {note}")
     if profile is not None and profile.exists():
-        print("\nWhere node A (receiver, pytier plain, udp, bare veth) spends its time (cProfile, own time):")
+        print(f"\nWhere node A (receiver, {ROWS[args.profile]}, bare veth) spends its time "
+              "(cProfile, own time):")
         pstats.Stats(str(profile)).sort_stats("tottime").print_stats(25)
     return 0
 
