@@ -34,7 +34,6 @@ _COMPRESSED = int(HeaderFlags.COMPRESSED)
 _PING = int(PacketType.Ping)
 _PONG = int(PacketType.Pong)
 _HANDSHAKE = int(PacketType.HandShake)
-_DATA = int(PacketType.Data)
 # Packet types whose payload is sealed with the network key when encryption is on.
 SEALED_TYPES = frozenset(
     int(t)
@@ -250,24 +249,24 @@ class PeerManager:
         self._deliver_local(from_peer, ptype, flags, packet)
 
     def _on_tunnel_packets(self, tunnel: Tunnel, packets: list[bytes]) -> None:
-        """A batch from one tunnel (a GRO run): sealed Data for us, nearly all of a bulk flow, goes
-        straight to its handler here; anything else takes the general path one by one."""
+        """A batch from one tunnel (a GRO run): sealed packets for us (Data, KCP, QUIC: nearly all
+        of a bulk flow) go straight to their handler here; anything else takes the general path."""
         conn = self._by_tunnel.get(tunnel)
         cipher = self.cipher
-        handler = self._handlers.get(_DATA)
-        if conn is None or cipher is None or handler is None:
+        if conn is None or cipher is None:
             for packet in packets:
                 self._on_tunnel_packet(tunnel, packet)
             return
         conn.last_rx = time.monotonic()
         me, unpack, open_at = self.my_peer_id, HEADER.unpack_from, cipher.open_at
-        fresh = self._replay.check_and_add
+        fresh, handlers = self._replay.check_and_add, self._handlers
         for packet in packets:
             if len(packet) < HEADER_LEN:
                 self.counters["rx_malformed"] += 1
                 continue
             from_peer, to_peer, ptype, flags, _fwd, _rsv, _length = unpack(packet)
-            if ptype != _DATA or flags != _ENCRYPTED or to_peer != me:
+            handler = handlers.get(ptype) if flags == _ENCRYPTED and to_peer == me else None
+            if handler is None or ptype not in SEALED_TYPES:
                 self._on_tunnel_packet(tunnel, packet)
                 continue
             try:
