@@ -406,6 +406,7 @@ class Config:
     state_dir: Path = DEFAULT_STATE_DIR
     peer_timeout_s: float = 30.0
     latency_first: bool = False
+    enable_fec_udp: bool = False
     metrics_listen: tuple[str, int] | None = None  # None: no metrics endpoint
     config_file: Path | None = None  # the last --config-file, whose values win
 
@@ -464,6 +465,8 @@ _GROUPS: tuple[tuple[str, tuple[_Setting, ...]], ...] = (
                  parse_seconds, "SECONDS"),
         _Setting("latency_first", ("--latency-first",), "value",
                  "route own traffic by link latency and loss, not hop count", parse_bool),
+        _Setting("enable_fec_udp", ("--enable-fec-udp",), "value",
+                 "protect UDP toward pytier peers with adaptive FEC (off on clean paths)", parse_bool),
         _Setting("encryption_algorithm", ("--encryption-algorithm",), "value",
                  "packet cipher: aes-gcm (default), aes-256-gcm, chacha20 or xor",
                  _choice(ENCRYPTION_ALGORITHMS), "ALG"),

@@ -24,6 +24,7 @@ from pytier.mgmt.http import MetricsHttpServer
 from pytier.mgmt.metrics import ProxyTotals, node_families, render
 from pytier.mgmt.protocol import MgmtError
 from pytier.mgmt.server import MgmtServer
+from pytier.peers.fec_link import MAX_PROTECTED_PACKET, FecService
 from pytier.peers.handshake import Identity
 from pytier.peers.manager import PeerManager
 from pytier.peers.path_cost import PROBE_INTERVAL_S
@@ -113,6 +114,11 @@ class Node:
         self.peers.register(PacketType.RpcReq, self._on_rpc_req)
         self.peers.register(PacketType.RpcResp, self._on_rpc_resp)
         self.peers.register(PacketType.Data, self._on_data)
+        # Every node takes FEC frames (and says so); --enable-fec-udp makes it send them.
+        self.fec = FecService(enabled=config.enable_fec_udp, send=self._send_fec, deliver=self._on_data,
+                              usable=self._fec_usable)
+        self._fec_peers: set[int] = set()
+        self.peers.register(PacketType.PytierFec, self.fec.on_packet)
         self._ip_to_peer: dict[bytes, int] = {}
         self._cidr_routes: list[tuple[int, int, int]] = []  # (network int, mask int, peer) longest first
         self._tun: TunDevice | None = None
@@ -140,7 +146,7 @@ class Node:
         if os.environ.get(LEGACY_ADVERTISEMENT_ENV) == "1":
             return PeerFeatureFlag()
         return PeerFeatureFlag(kcp_input=not self.config.disable_kcp_input,
-                               quic_input=not self.config.disable_quic_input)
+                               quic_input=not self.config.disable_quic_input, pytier_fec=True)
 
     # ---- plumbing between the layers --------------------------------------------------------
 
@@ -156,6 +162,16 @@ class Node:
     def _on_rpc_resp(self, from_peer: int, payload: bytes) -> None:
         self.rpc.on_packet(from_peer, int(PacketType.RpcResp), payload)
 
+    def _send_fec(self, to_peer: int, payload: bytes) -> bool:
+        return self.peers.send_direct_udp(to_peer, int(PacketType.PytierFec), payload)
+
+    def _fec_usable(self, peer: int) -> bool:
+        """FEC frames only to a peer that advertised them, over a direct UDP link (never a relay)."""
+        if peer not in self._fec_peers:
+            return False
+        conns = self.peers.conns.get(peer)
+        return conns is not None and bool(conns) and conns[0].tunnel.info.scheme == "udp"
+
     def _on_data(self, from_peer: int, payload: bytes) -> None:
         tun = self._tun
         if tun is None or len(payload) < 20 or payload[0] >> 4 not in (4, 6):
@@ -169,6 +185,7 @@ class Node:
         lookup = self._ip_to_peer.get
         data = int(PacketType.Data)
         hook = self._proxy_hook
+        fec = self.fec.send_udp if self.fec.enabled else None
         for pkt in packets:
             if len(pkt) < 20 or pkt[0] >> 4 != 4:
                 self.counters["tun_dropped_not_ipv4"] += 1
@@ -182,6 +199,8 @@ class Node:
                 if peer is None:
                     self.counters["tun_dropped_no_route"] += 1
                     continue
+            if fec is not None and pkt[9] == 17 and fec(peer, pkt):
+                continue
             if not send(peer, data, pkt):
                 self.counters["tun_dropped_unreachable"] += 1
 
@@ -212,6 +231,8 @@ class Node:
         self._cidr_routes = [(n, m, p) for _, n, m, p in cidrs]
         self.peers.peer_hostnames = hostnames
         reachable = self.route.reachable_peers()
+        self._fec_peers = {e.peer_id for e in self.route.routes() if e.info.feature_flag.pytier_fec}
+        self.fec.forget(self._reachable - reachable)
         if self.proxy is not None:
             for gone in self._reachable - reachable:
                 self.proxy.peer_gone(gone)
@@ -463,6 +484,7 @@ class Node:
         for name, value in self._udp_socket_stats().items():
             if value:
                 stats[f"udp_{name}"] = value
+        stats.update(self.fec.totals())
         return stats
 
     def _udp_socket_stats(self) -> dict[str, int]:
@@ -486,6 +508,7 @@ class Node:
             row["ipv4"] = str(info.ipv4_addr) if info is not None and info.ipv4_addr else None
             row["version"] = info.easytier_version if info is not None else None
             row["cost"] = 1  # a direct link: EasyTier's "p2p"
+            row.update(self.fec.describe(int(row["peer_id"])))  # type: ignore[call-overload]
         return rows
 
     # ---- run-time changes (pytier-cli connector, logger) -----------------------------------------
@@ -644,6 +667,11 @@ class Node:
         for url in cfg.listeners:
             await self._start_listener(url)
         self.peers.start()
+        self.fec.start()
+        if cfg.enable_fec_udp and cfg.mtu > MAX_PROTECTED_PACKET:
+            log.warning("--mtu %d with --enable-fec-udp: UDP packets above %d bytes go unprotected "
+                        "(their FEC frames would not fit a 1500-byte underlay packet)",
+                        cfg.mtu, MAX_PROTECTED_PACKET)
         await self._start_proxy()
         await self.route.start()
         for url in cfg.peers:
@@ -723,6 +751,7 @@ class Node:
         with contextlib.suppress(Exception):
             await self.route.close()
         await self.peers.close()
+        self.fec.close()
         self.rpc.close()
         if self._mgmt is not None:
             await self._mgmt.close()

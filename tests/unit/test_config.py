@@ -176,6 +176,7 @@ EVERY_FLAG: list[tuple[list[str], str, Any]] = [
     (["--state-dir", "/tmp/pytier-state"], "state_dir", Path("/tmp/pytier-state")),
     (["--peer-timeout", "2.5"], "peer_timeout_s", 2.5),
     (["--latency-first"], "latency_first", True),
+    (["--enable-fec-udp"], "enable_fec_udp", True),
 ]
 
 

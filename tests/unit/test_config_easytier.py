@@ -504,6 +504,7 @@ def test_check_config_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         'peers = ["tcp://198.18.0.2:11010", "udp://198.18.0.3:11010"]',
         "peer_timeout = 5.0",
         "latency_first = true",
+        "enable_fec_udp = false",
         'encryption_algorithm = "aes-gcm"',
         "disable_encryption = false",
         'dev_name = "et0"',

@@ -45,6 +45,7 @@ SEALED_TYPES = frozenset(
         PacketType.KcpDst,
         PacketType.QuicSrc,
         PacketType.QuicDst,
+        PacketType.PytierFec,
     )
 )
 
@@ -377,6 +378,23 @@ class PeerManager:
             body = payload
             flags = 0
         conn.tunnel.send(HEADER.pack(self.my_peer_id, to_peer, packet_type, flags, 1, 0, len(payload)) + body)
+        return True
+
+    def send_direct_udp(self, to_peer: int, packet_type: int, payload: bytes) -> bool:
+        """Like send, but only over a direct UDP link to the peer (False if there is none): for
+        pytier's own packets, which no relay may carry, and FEC, which a TCP link does not need."""
+        conns = self.conns.get(to_peer)
+        if not conns or conns[0].tunnel.info.scheme != "udp":
+            return False
+        cipher = self.cipher
+        if cipher is not None and packet_type in SEALED_TYPES:
+            body = cipher.seal(payload)
+            flags = _ENCRYPTED
+        else:
+            body = payload
+            flags = 0
+        header = HEADER.pack(self.my_peer_id, to_peer, packet_type, flags, 1, 0, len(payload))
+        conns[0].tunnel.send(header + body)
         return True
 
     def is_direct(self, peer_id: int) -> bool:

@@ -136,10 +136,18 @@ class HandshakeRequest:
 
 # --- common.PeerFeatureFlag --------------------------------------------------------------------
 
+# pytier's own capability: takes FEC frames (docs/fec.md). A field number far above EasyTier's
+# 1..11, so its protobuf decoder skips it and a later EasyTier flag is unlikely to collide.
+PYTIER_FEC_FIELD = 1000
+
 
 @dataclass(slots=True)
 class PeerFeatureFlag:
-    """Capabilities a node advertises in its RoutePeerInfo (all bools, field numbers 1..11)."""
+    """Capabilities a node advertises in its RoutePeerInfo (all bools, field numbers 1..11).
+
+    `pytier_fec` is pytier's own (field PYTIER_FEC_FIELD), kept out of FIELDS and `names()`, which
+    list what EasyTier also reads; when unset the encoding is exactly EasyTier's.
+    """
 
     is_public_server: bool = False
     avoid_relay_data: bool = False
@@ -152,6 +160,7 @@ class PeerFeatureFlag:
     need_p2p: bool = False
     disable_p2p: bool = False
     ipv6_public_addr_provider: bool = False
+    pytier_fec: bool = False
 
     FIELDS: ClassVar[tuple[str, ...]] = (
         "is_public_server",
@@ -184,6 +193,7 @@ class PeerFeatureFlag:
         w = Writer()
         for number, name in enumerate(self.FIELDS, start=1):
             w.bool(number, getattr(self, name))
+        w.bool(PYTIER_FEC_FIELD, self.pytier_fec)
         return w.getvalue()
 
     @classmethod
@@ -192,6 +202,8 @@ class PeerFeatureFlag:
         for number, wt, value in iter_fields(data):
             if 1 <= number <= len(cls.FIELDS):
                 setattr(flags, cls.FIELDS[number - 1], read_bool(wt, value))
+            elif number == PYTIER_FEC_FIELD:
+                flags.pytier_fec = read_bool(wt, value)
         return flags
 
 

@@ -34,6 +34,9 @@ class PacketType(IntEnum):
     DataWithQuicSrcModified = 19
     RelayHandshake = 20
     RelayHandshakeAck = 21
+    # pytier's own, sent only to peers that advertised PeerFeatureFlag.pytier_fec (docs/fec.md);
+    # far above EasyTier 2.6's types so a later EasyTier type is unlikely to collide.
+    PytierFec = 200
 
 
 class HeaderFlags(IntFlag):

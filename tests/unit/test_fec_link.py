@@ -1,0 +1,143 @@
+"""The FEC glue between peers: the capability field, the loss meter and reports, and a sender and
+receiver pair over a seeded lossy path (the real encoder, decoder and controller)."""
+
+from __future__ import annotations
+
+import random
+from ipaddress import IPv4Address
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pytier.fec import LossSample
+from pytier.peers.fec_link import (
+    KIND_FRAME,
+    KIND_PLAIN,
+    PROBE_EVERY_S,
+    PROBE_S,
+    REPORT_INTERVAL_S,
+    FecReceiver,
+    FecSender,
+    LossMeter,
+    decode_report,
+    encode_report,
+)
+from pytier.wire.messages import PYTIER_FEC_FIELD, PeerFeatureFlag, RoutePeerInfo
+from pytier.wire.protobuf import iter_fields
+
+
+def _info(flags: PeerFeatureFlag) -> RoutePeerInfo:
+    return RoutePeerInfo(peer_id=7, version=3, hostname="a", ipv4_addr=IPv4Address("10.144.144.7"),
+                         easytier_version="pytier-0.1", feature_flag=flags, peer_route_id=99)
+
+
+def test_capability_round_trip_leaves_what_easytier_reads_unchanged() -> None:
+    plain_flags = PeerFeatureFlag(kcp_input=True, quic_input=True)
+    fec_flags = PeerFeatureFlag(kcp_input=True, quic_input=True, pytier_fec=True)
+    plain, with_fec = _info(plain_flags).encode(), _info(fec_flags).encode()
+    decoded = RoutePeerInfo.decode(with_fec)
+    assert decoded.feature_flag.pytier_fec and decoded.feature_flag.kcp_input
+    assert not RoutePeerInfo.decode(plain).feature_flag.pytier_fec
+    # What EasyTier decodes: every field it knows, with the flag message's fields 1..11, is the same;
+    # the only difference is one field it skips, at the end of the flag message.
+    def known(data: bytes) -> list[tuple[int, int, object]]:
+        out: list[tuple[int, int, object]] = []
+        for number, wt, value in iter_fields(data):
+            if number == 11:
+                assert isinstance(value, bytes)
+                out += [(100 + n, w, v) for n, w, v in iter_fields(value) if n <= 11]
+            else:
+                out.append((number, wt, value))
+        return out
+    assert known(with_fec) == known(plain)
+    assert fec_flags.encode() == plain_flags.encode() + PeerFeatureFlag(pytier_fec=True).encode()
+    assert [n for n, _, _ in iter_fields(PeerFeatureFlag(pytier_fec=True).encode())] == [PYTIER_FEC_FIELD]
+    # Off, the encoding is EasyTier's own, and names() (what `route` and EasyTier show) omit it.
+    assert PeerFeatureFlag().encode() == b""
+    assert fec_flags.names() == plain_flags.names()
+
+
+def test_loss_meter_counts_gaps_runs_reordering_and_resync() -> None:
+    m = LossMeter()
+    for seq in [10, 11, 13, 14, 18, 12, 19]:  # 12 lost then late; 15-17 one run
+        m.see(seq, 0.0)
+    assert m.take(0.5) == (10, 3, 2, 0.5)
+    m.see(19, 0.6)  # a duplicate counts nothing
+    m.see(0xFFFFFFFF & (19 + (1 << 20)), 0.6)  # a far jump: the sender's numbering restarted
+    assert m.take(1.0) == (1, 0, 0, 0.5)
+    assert m.take(1.5) is None
+    m = LossMeter()
+    for seq in [0xFFFFFFFE, 0xFFFFFFFF, 1]:  # wraps
+        m.see(seq, 0.0)
+    assert m.take(0.1) == (4, 1, 1, 0.1)
+
+
+def test_report_round_trip_and_contradictions() -> None:
+    assert decode_report(encode_report(500, 50, 40, 0.5)) == LossSample(500, 50, 40, 0.5)
+    assert decode_report(encode_report(5, 6, 1, 0.5)) is None
+    assert decode_report(encode_report(5, 2, 3, 0.5)) is None
+    assert decode_report(encode_report(5, 2, 1, 0.5)[:-1]) is None
+
+
+@given(st.binary(max_size=64))
+def test_receiver_takes_arbitrary_bytes(data: bytes) -> None:
+    r = FecReceiver()
+    for prefix in (b"", bytes((KIND_FRAME, 0, 0, 0, 1)), bytes((KIND_PLAIN, 0, 0, 0, 1))):
+        r.receive(prefix + data, 0.0)
+    report = r.report(1.0)
+    assert report is None or decode_report(report) is not None
+
+
+def _run(loss: float, seconds: float, rate: int, seed: int) -> tuple[FecSender, FecReceiver, int, int]:
+    """Stream `rate` packets/s for `seconds` over a path losing `loss` at random; reports every
+    REPORT_INTERVAL_S, delivered at once. Returns the pair, packets sent in the last third and of
+    those delivered."""
+    rng = random.Random(seed)
+    tx, rx = FecSender(), FecReceiver()
+    delivered: set[bytes] = set()
+    n = int(seconds * rate)
+    next_report = REPORT_INTERVAL_S
+
+    def path(payloads: list[bytes], now: float) -> None:
+        for p in payloads:
+            if rng.random() >= loss:
+                delivered.update(rx.receive(p, now))
+
+    for i in range(n):
+        now = i / rate
+        packet = i.to_bytes(4, "big") + bytes(200 + i % 900)
+        deadline = tx.next_deadline()
+        if deadline is not None and deadline <= now:
+            path(tx.poll(deadline), deadline)
+        if now >= next_report:
+            report = rx.report(now)
+            if report is not None:
+                sample = decode_report(report)
+                assert sample is not None
+                path(tx.on_report(sample), now)
+            next_report += REPORT_INTERVAL_S
+        wrapped = tx.wrap(packet, now)
+        if wrapped is None:
+            if rng.random() >= loss:
+                delivered.add(packet)
+        else:
+            path(wrapped, now)
+    path(tx.poll(seconds + 1.0), seconds + 1.0)
+    tail = {i.to_bytes(4, "big") for i in range(2 * n // 3, n)}
+    return tx, rx, len(tail), sum(1 for p in delivered if p[:4] in tail)
+
+
+def test_pair_recovers_random_loss_once_the_controller_has_measured_it() -> None:
+    tx, rx, sent, got = _run(0.10, 9.0, 500, seed=1)
+    assert tx.params is not None and tx.params.overhead <= 0.35
+    assert got >= 0.995 * sent, (got, sent, tx.params)
+    assert rx.decoder.counters.recovered > 0
+
+
+def test_clean_path_sends_no_parity_and_sequences_only_probe_windows() -> None:
+    tx, _rx, sent, got = _run(0.0, 9.0, 500, seed=2)
+    assert tx.params is None and got == sent
+    assert tx.encoder.counters.parity_frames == 0
+    # With FEC off only the probe windows carry a sequence number; the rest is plain Data.
+    sequenced = 9.0 * 500 - tx.plain
+    assert abs(sequenced / (9.0 * 500) - PROBE_S / PROBE_EVERY_S) < 0.05
