@@ -508,7 +508,8 @@ class Node:
             row["ipv4"] = str(info.ipv4_addr) if info is not None and info.ipv4_addr else None
             row["version"] = info.easytier_version if info is not None else None
             row["cost"] = 1  # a direct link: EasyTier's "p2p"
-            row.update(self.fec.describe(int(row["peer_id"])))  # type: ignore[call-overload]
+            peer_id = int(row["peer_id"])  # type: ignore[call-overload]
+            row.update(self.fec.describe(peer_id, peer_id in self._fec_peers))
         return rows
 
     # ---- run-time changes (pytier-cli connector, logger) -----------------------------------------

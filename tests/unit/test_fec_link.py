@@ -9,7 +9,9 @@ from ipaddress import IPv4Address
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pytier.cli.views import peer_table
 from pytier.fec import LossSample
+from pytier.mgmt.metrics import ProxyTotals, node_families, render
 from pytier.peers.fec_link import (
     KIND_FRAME,
     KIND_PLAIN,
@@ -141,3 +143,18 @@ def test_clean_path_sends_no_parity_and_sequences_only_probe_windows() -> None:
     # With FEC off only the probe windows carry a sequence number; the rest is plain Data.
     sequenced = 9.0 * 500 - tx.plain
     assert abs(sequenced / (9.0 * 500) - PROBE_S / PROBE_EVERY_S) < 0.05
+
+
+def test_peer_view_and_metrics_show_the_shape_and_recovered_packets() -> None:
+    rows = [{"ipv4": "10.144.144.2/24", "hostname": "b", "peer_id": 2, "tunnel": "udp", "fec": "32+10x2",
+             "fec_tx_data": 3200, "fec_tx_parity": 1000, "fec_recovered": 17, "fec_unrecovered": 1},
+            {"ipv4": "10.144.144.3/24", "hostname": "et", "peer_id": 3, "tunnel": "udp", "fec": None}]
+    table = peer_table(rows)
+    at = table.headers.index("fec")
+    assert table.headers[at:at + 3] == ["fec", "fec_rec", "tunnel"]
+    assert [r[at:at + 2] for r in table.rows] == [["32+10x2", "17"], ["-", "-"]]
+    assert "fec" not in peer_table([{k: v for k, v in rows[1].items() if k != "fec"}]).headers
+    text = render(node_families({}, {}, rows, None, ProxyTotals()))
+    assert 'pytier_peer_fec_parity_ratio{peer_id="2",hostname="b"} 0.3125' in text
+    assert 'pytier_peer_fec_recovered_packets_total{peer_id="2",hostname="b"} 17' in text
+    assert 'peer_id="3"' not in text

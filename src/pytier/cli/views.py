@@ -130,7 +130,16 @@ def peer_table(result: Any) -> Table:
          cell(r.get("tunnel")), cell(r.get("version")), cell(r.get("peer_id")), cell(r.get("remote_addr"))]
         for r in _rows(result)
     ]
-    return Table(headers, rows, ("remote_addr", "version", "peer_id", "tunnel", "tx", "rx", "loss"))
+    optional: tuple[str, ...] = ("remote_addr", "version", "peer_id", "tunnel", "tx", "rx", "loss")
+    # FEC toward the peer (its shape k+m x depth, or off) and packets rebuilt from it; from nodes
+    # that report FEC at all (an older node's rows have neither).
+    if any("fec" in r for r in _rows(result)):
+        at = headers.index("tunnel")
+        headers[at:at] = ["fec", "fec_rec"]
+        for row, r in zip(rows, _rows(result), strict=True):
+            row[at:at] = [cell(r.get("fec")), cell(r.get("fec_recovered"))]
+        optional = ("fec_rec", *optional[:4], "fec", *optional[4:])
+    return Table(headers, rows, optional)
 
 
 def _next_hop_ipv4(row: dict[str, Any]) -> str:

@@ -147,7 +147,43 @@ def _peer_families(peers: Sequence[Mapping[str, Any]]) -> list[Family]:
         ms = row.get("latency_ms")
         if isinstance(ms, (int, float)) and not isinstance(ms, bool):
             latency.add(ms / 1000, **labels)
-    return [up, *families, latency]
+    return [up, *families, latency, *_fec_families(peers)]
+
+
+def _fec_families(peers: Sequence[Mapping[str, Any]]) -> list[Family]:
+    """FEC per peer (not per tunnel: a peer with two links has one encoder and one decoder)."""
+    per_peer: tuple[tuple[str, str, MetricType, str], ...] = (
+        ("fec_tx_data", "pytier_peer_fec_data_frames_total", "counter",
+         "UDP packets sent to the peer as FEC data frames."),
+        ("fec_tx_parity", "pytier_peer_fec_parity_frames_total", "counter",
+         "FEC parity frames sent to the peer."),
+        ("fec_recovered", "pytier_peer_fec_recovered_packets_total", "counter",
+         "Packets from the peer rebuilt from FEC parity."),
+        ("fec_unrecovered", "pytier_peer_fec_unrecovered_packets_total", "counter",
+         "Packets from the peer that FEC saw missing and could not rebuild."),
+    )
+    families = [Family(name, kind, help_text) for _, name, kind, help_text in per_peer]
+    ratio = Family("pytier_peer_fec_parity_ratio", "gauge",
+                   "Parity frames per data frame of the FEC shape toward the peer (0: FEC off).")
+    seen: set[str] = set()
+    for row in peers:
+        shape = row.get("fec")
+        peer = _text(row.get("peer_id"))
+        if not isinstance(shape, str) or peer in seen:
+            continue
+        seen.add(peer)
+        labels = {"peer_id": peer, "hostname": _text(row.get("hostname"))}
+        for fam, (key, *_) in zip(families, per_peer, strict=True):
+            fam.add(row.get(key), **labels)
+        ratio.add(_parity_ratio(shape), **labels)
+    return [ratio, *families]
+
+
+def _parity_ratio(shape: str) -> float:
+    """m / k of a shape shown as "k+mxdepth"; 0 for "off"."""
+    k, _, rest = shape.partition("+")
+    m = rest.partition("x")[0]
+    return int(m) / int(k) if k.isdigit() and m.isdigit() and int(k) else 0.0
 
 
 def _counters(stats: Mapping[str, int]) -> Family:

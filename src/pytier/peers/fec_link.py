@@ -337,8 +337,10 @@ class FecService:
 
     # ---- visibility --------------------------------------------------------------------------
 
-    def describe(self, peer: int) -> dict[str, Any]:
-        """The fec_* fields of a `pytier-cli peer` row."""
+    def describe(self, peer: int, capable: bool) -> dict[str, Any]:
+        """The fec_* fields of a `pytier-cli peer` row; "fec" is None toward a peer without FEC."""
+        if not capable:
+            return {"fec": None}
         sender = self.senders.get(peer)
         receiver = self.receivers.get(peer)
         row: dict[str, Any] = {
