@@ -5,14 +5,13 @@ A's controller turns FEC off and no more parity goes out."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import time
 from typing import Any
 
 from pytier.testbed.netns import Netns, Testbed, nft_clear_loss, nft_input_loss
 from pytier.testbed.nodes import PytierNode, wait_for
+from pytier.testbed.udp_stream import result, start_receiver, start_sender
 
 NET = ["--network-name", "fec", "--network-secret", "fec-secret"]
 A_IP, B_IP = "10.144.144.1", "10.144.144.2"
@@ -20,23 +19,14 @@ RATE = 500
 WARMUP = 1000  # 2 s for the controller to measure the loss and pick a shape
 MEASURED = 2000
 SIZE = 1200
-STREAM = [sys.executable, "-m", "pytier.testbed.udp_stream"]
 
 
 def receiver(tb: Testbed, ns: Netns, port: int, first: int, count: int) -> subprocess.Popen[str]:
-    proc = tb.popen(ns, [*STREAM, "recv", str(port), str(first), str(count), "1.5"],
-                    stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    return proc
+    return start_receiver(tb, ns, port, first, count)
 
 
 def sender(tb: Testbed, ns: Netns, ip: str, port: int, count: int) -> subprocess.Popen[str]:
-    return tb.popen(ns, [*STREAM, "send", ip, str(port), str(count), str(RATE), str(SIZE)])
-
-
-def result(proc: subprocess.Popen[str]) -> dict[str, int]:
-    out, _ = proc.communicate(timeout=70)
-    return dict(json.loads(out.strip().splitlines()[-1]))
+    return start_sender(tb, ns, ip, port, count, RATE, SIZE)
 
 
 def peer_row(node: PytierNode) -> dict[str, Any]:

@@ -15,11 +15,37 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import subprocess
 import sys
 import time
 
+from pytier.testbed.netns import Netns, Testbed
+
 _SEQ = struct.Struct(">I")
 MAX_RECEIVE_S = 60.0
+_MODULE = [sys.executable, "-m", "pytier.testbed.udp_stream"]
+
+
+def start_receiver(tb: Testbed, ns: Netns, port: int, first: int, count: int,
+                   idle_s: float = 1.5) -> subprocess.Popen[str]:
+    """A receiver in `ns`, bound and ready when this returns; read it with `result`."""
+    proc = tb.popen(ns, [*_MODULE, "recv", str(port), str(first), str(count), str(idle_s)],
+                    stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"UDP receiver on port {port} did not start")
+    return proc
+
+
+def start_sender(tb: Testbed, ns: Netns, ip: str, port: int, count: int, rate: float,
+                 size: int) -> subprocess.Popen[str]:
+    return tb.popen(ns, [*_MODULE, "send", ip, str(port), str(count), str(rate), str(size)])
+
+
+def result(proc: subprocess.Popen[str]) -> dict[str, int]:
+    """What a receiver counted, once it ended (idle after the stream)."""
+    out, _ = proc.communicate(timeout=MAX_RECEIVE_S + 10)
+    return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 def receive(port: int, first: int, count: int, idle_s: float) -> dict[str, int]:
