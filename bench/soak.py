@@ -79,7 +79,8 @@ class Bed:
             tb.popen(self.a, [sys.executable, "-m", "pytier.testbed.tcpload", "server", "--bind", VIP_A,
                               "--port", str(PORT), "--per-conn"], stdout=out)
         wait_for(lambda: "listening" in self.server_log.read_text(), 10, "the load server")
-        self._server_seen = 0
+        self._server_read = 0
+        self.server_seen: dict[int, dict[str, Any]] = {}
 
     def set_loss(self, percent: int) -> None:
         nft_input_loss(self.a, self.if_a, percent)
@@ -91,10 +92,14 @@ class Bed:
                 "--down", str(nbytes), "--first-id", str(first_id), "--timeout", str(bound), "--per-conn"]
         return self.tb.popen(self.b, argv, stdout=subprocess.PIPE, text=True)
 
-    def server_lines(self) -> list[dict[str, Any]]:
-        lines = [json.loads(x) for x in self.server_log.read_text().splitlines() if x.startswith("{")]
-        new, self._server_seen = lines[self._server_seen:], len(lines)
-        return new
+    def collect(self) -> bool:
+        """Take the server's new per-connection lines into `server_seen` (by connection id)."""
+        lines = [x for x in self.server_log.read_text().splitlines() if x.startswith("{") and x.endswith("}")]
+        for line in lines[self._server_read:]:
+            report = json.loads(line)
+            self.server_seen[int(report["id"])] = report
+        self._server_read = len(lines)
+        return True
 
     def moving(self, count: int) -> bool:
         try:
@@ -161,8 +166,16 @@ def one_round(bed: Bed, kind: str, n: int, args: argparse.Namespace, tally: Tall
         tally.notes.append(f"round {n}: no proxied connection completed within {RECOVERY_BOUND_S:g} s after")
     else:
         tally.max_recovery_s = max(tally.max_recovery_s, recovery)
-    for s in bed.server_lines():
-        if first <= s["id"] < first + args.conns:
+    ids = range(first, first + args.conns)
+    try:
+        # The server reports a connection once it closed it, which may be after the client ended.
+        wait_for(lambda: bed.collect() and all(i in bed.server_seen for i in ids), 15, "the server's report")
+    except TimeoutError:
+        tally.notes.append(f"round {n}: the server reported {sum(i in bed.server_seen for i in ids)} "
+                           f"of {args.conns} connections")
+    for i in ids:
+        s = bed.server_seen.pop(i, None)
+        if s is not None:
             tally.server[s["outcome"]] = tally.server.get(s["outcome"], 0) + 1
             tally.corrupt += s["outcome"] == "corrupt" or not s["prefix_ok"]
     tally.rounds += 1

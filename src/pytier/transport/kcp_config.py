@@ -34,7 +34,7 @@ class KcpConfig:
     # but does not process data, which the idle timeout cannot.
     dead_link: int = 40
     # ... once the peer, heard from again since, has acknowledged nothing more for this long.
-    dead_link_grace_s: float = 10.0
+    dead_link_grace_s: float = 15.0
     # Pace new segments at an estimate of the delivery rate (see kcp_pacer) instead of bursting a whole
     # window; False behaves like EasyTier (no congestion window at all).
     pacing: bool = True
