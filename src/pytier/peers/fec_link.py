@@ -12,7 +12,8 @@ node or relay never sees it. The payload starts with a kind byte:
 loss and its runs in wire order, whatever the FEC shape, and reports them back every
 REPORT_INTERVAL_S; the sender's FecController turns them into the shape (or none). With FEC off the
 sender sequences only a PROBE_S window every PROBE_EVERY_S and sends the rest as plain Data: on a
-clean path a quarter of the packets carry 5 bytes more, none carry parity.
+clean path a quarter of the packets carry 5 bytes more, none carry parity. (Until the controller
+has its first estimate, every packet is sequenced.)
 
 Sans-IO: FecSender and FecReceiver take bytes and times; FecService is the asyncio shell the node
 drives (one timer for the encoders' flush deadlines, one tick for reports and decoder expiry).
@@ -58,9 +59,13 @@ UNDERLAY_PAYLOAD = 1500 - 20 - 8 - 8 - 16 - 28
 MAX_PROTECTED_PACKET = UNDERLAY_PAYLOAD - FRAME_OVERHEAD
 
 # A block may stay open this long at low rates: long enough that a 5 Mbit/s stream fills blocks of
-# 32-packet groups interleaved 4 deep against bursts; a repaired packet comes at most this late
-# (packets that arrive are never delayed). Faster streams fill their blocks sooner.
-UDP_FLUSH_S = 0.25
+# 32-packet groups interleaved 8 deep, which a burst loss of ~8 frames needs to stay near 30 %
+# parity (0.25 s allowed only 4 deep: 45-65 % parity on the bursty path). A repaired packet comes at
+# most this late; packets that arrive are never delayed, and faster streams fill blocks sooner.
+UDP_FLUSH_S = 0.5
+# The first estimate spans at least this many frames (~0.5 s at 5 Mbit/s): a burst-loss path seen
+# over 200 frames looked like anything from 4 % to 20 % loss, and the shape chosen then stuck.
+MIN_PACKETS = 400
 REPORT_INTERVAL_S = 0.5
 PROBE_S = 0.5
 PROBE_EVERY_S = 2.0
@@ -129,14 +134,16 @@ def decode_report(payload: bytes) -> LossSample | None:
 class FecSender:
     """One destination peer: sequences and frames its UDP packets, follows its loss reports."""
 
-    __slots__ = ("_next_probe", "_probe_until", "_seq", "controller", "encoder", "plain", "reports")
+    __slots__ = ("_measured", "_next_probe", "_probe_until", "_seq", "controller", "encoder", "plain",
+                 "reports")
 
     def __init__(self, flush_s: float = UDP_FLUSH_S) -> None:
         self.encoder = FecEncoder(None, flush_s=flush_s, first_group=secrets.randbits(32))
-        self.controller = FecController(ControllerConfig(flush_s=flush_s))
+        self.controller = FecController(ControllerConfig(flush_s=flush_s, min_packets=MIN_PACKETS))
         self._seq = secrets.randbits(32)
         self._probe_until = -math.inf
         self._next_probe = -math.inf
+        self._measured = False
         self.plain = 0  # packets left to plain Data (FEC off, between probe windows)
         self.reports = 0
 
@@ -155,7 +162,8 @@ class FecSender:
             if now >= self._next_probe:
                 self._probe_until = now + PROBE_S
                 self._next_probe = now + PROBE_EVERY_S
-            if now >= self._probe_until:
+            # Until the controller has seen enough to judge the path, every packet is measured.
+            if now >= self._probe_until and self._measured:
                 self.plain += 1
                 return None
             return [self._tag(KIND_PLAIN, packet)]
@@ -172,8 +180,11 @@ class FecSender:
         self.reports += 1
         before = self.encoder.params
         params = self.controller.update(sample)
+        self._measured = self.controller.estimate() is not None
         if params != before:
-            log.info("FEC shape %s -> %s", before or "off", params or "off")
+            est = self.controller.estimate()
+            measured = f" (loss {est[0]:.1%}, mean burst {est[1]:.1f})" if est is not None else ""
+            log.info("FEC shape %s -> %s%s", before or "off", params or "off", measured)
         return [self._tag(KIND_FRAME, f) for f in self.encoder.set_params(params)]
 
 
@@ -368,6 +379,7 @@ class FecService:
 def _totals(senders: list[FecSender], receivers: list[FecReceiver]) -> dict[str, int]:
     return {
         "fec_tx_data_frames": sum(s.encoder.counters.data_frames for s in senders),
+        "fec_tx_data_bytes": sum(s.encoder.counters.data_bytes for s in senders),
         "fec_tx_parity_frames": sum(s.encoder.counters.parity_frames for s in senders),
         "fec_tx_parity_bytes": sum(s.encoder.counters.parity_bytes for s in senders),
         "fec_tx_plain_packets": sum(s.plain for s in senders),
