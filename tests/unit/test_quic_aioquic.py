@@ -27,6 +27,7 @@ from pytier.transport import quic_aioquic
 from pytier.transport import quic_null_crypto as nc
 from pytier.transport.quic_aioquic import (
     CONGESTION_CONTROL,
+    MAX_STREAMS_BIDI,
     BbrCongestionControl,
     BbrPacer,
     NullCryptoPair,
@@ -205,7 +206,8 @@ def test_handshake_sequence_is_quinns() -> None:
     assert p1.kind == "initial" and p1.frames[0][0] == 0x06
     cparams = TransportParams.decode(p1.frames[0][1])
     assert cparams.initial_source_connection_id == p1.scid
-    assert cparams.max_udp_payload_size == 1200 and cparams.initial_max_streams_bidi == 255
+    assert cparams.max_udp_payload_size == 1200
+    assert cparams.initial_max_streams_bidi == MAX_STREAMS_BIDI == 8192
     assert cparams.initial_max_streams_uni == 0 and cparams.max_idle_timeout_ms == 30000
     assert cparams.stateless_reset_token is None and cparams.original_destination_connection_id is None
     assert not cparams.grease_quic_bit

@@ -16,7 +16,8 @@ fails loudly if an upgrade moves any of them):
   callbacks (`alpn_cb` to parse the peer's parameters, `update_traffic_key_cb` to "install" keys).
 * Transport parameters: our own codec (quic_params) replaces `_serialize_transport_parameters`,
   so that a client sends no stateless-reset token and no version information, and both sides
-  announce max_udp_payload_size 1200, 255 bidirectional streams and no unidirectional ones.
+  announce max_udp_payload_size 1200 and no unidirectional streams; pytier grants 8192 concurrent
+  bidirectional streams (quinn, in EasyTier, 255).
 * Datagram size: 1200 bytes, as quinn is configured; between two pytier nodes, which say so in a private
   transport parameter, 1380 (`QuicConnection._max_datagram_size`, read by the packet builder).
 * Flow control: aioquic doubles a stream's receive window whenever half is used, whatever the
@@ -71,7 +72,9 @@ MAX_UDP_PAYLOAD = 1200
 # MTU, and every datagram saved is ~30 µs of Python on each side.
 PYTIER_DATAGRAM_SIZE = 1380
 CONNECTION_ID_LENGTH = 8
-MAX_STREAMS_BIDI = 255
+# EasyTier (quinn) grants 255 concurrent streams, which caps a peer at 255 proxied connections at
+# once; pytier grants as many as KCP has conversations. A peer still opens only what it is granted.
+MAX_STREAMS_BIDI = 8192
 # Connection-level credit is effectively unlimited, as quinn's; the per-stream window does the work.
 CONNECTION_MAX_DATA = 1 << 60
 ACK_DELAY_EXPONENT = 3
