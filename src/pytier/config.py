@@ -407,6 +407,7 @@ class Config:
     peer_timeout_s: float = 30.0
     latency_first: bool = False
     enable_fec_udp: bool = False
+    enable_fec_kcp: bool = False
     metrics_listen: tuple[str, int] | None = None  # None: no metrics endpoint
     config_file: Path | None = None  # the last --config-file, whose values win
 
@@ -467,6 +468,8 @@ _GROUPS: tuple[tuple[str, tuple[_Setting, ...]], ...] = (
                  "route own traffic by link latency and loss, not hop count", parse_bool),
         _Setting("enable_fec_udp", ("--enable-fec-udp",), "value",
                  "protect UDP toward pytier peers with adaptive FEC (off on clean paths)", parse_bool),
+        _Setting("enable_fec_kcp", ("--enable-fec-kcp",), "value",
+                 "protect the KCP proxy toward pytier peers with FEC (off on clean paths)", parse_bool),
         _Setting("encryption_algorithm", ("--encryption-algorithm",), "value",
                  "packet cipher: aes-gcm (default), aes-256-gcm, chacha20 or xor",
                  _choice(ENCRYPTION_ALGORITHMS), "ALG"),

@@ -114,9 +114,9 @@ class Node:
         self.peers.register(PacketType.RpcReq, self._on_rpc_req)
         self.peers.register(PacketType.RpcResp, self._on_rpc_resp)
         self.peers.register(PacketType.Data, self._on_data)
-        # Every node takes FEC frames (and says so); --enable-fec-udp makes it send them.
+        # Every node takes FEC frames (and says so); --enable-fec-udp/--enable-fec-kcp make it send them.
         self.fec = FecService(enabled=config.enable_fec_udp, send=self._send_fec, deliver=self._on_data,
-                              usable=self._fec_usable)
+                              usable=self._fec_usable, enabled_kcp=config.enable_fec_kcp)
         self._fec_peers: set[int] = set()
         self.peers.register(PacketType.PytierFec, self.fec.on_packet)
         self._ip_to_peer: dict[bytes, int] = {}
@@ -164,6 +164,16 @@ class Node:
 
     def _send_fec(self, to_peer: int, payload: bytes) -> bool:
         return self.peers.send_direct_udp(to_peer, int(PacketType.PytierFec), payload)
+
+    def _send_kcp(self, to_peer: int, packet_type: int, payload: bytes) -> bool:
+        """KCP's packets: through FEC's KCP lane toward a capable direct peer, else as they are."""
+        return self.fec.send_peer_packet(to_peer, packet_type, payload) or self.peers.send(
+            to_peer, packet_type, payload)
+
+    def _register_kcp(self, packet_type: PacketType, handler: Callable[[int, bytes], None]) -> None:
+        """KcpSrc/KcpDst handlers take the same packets whether they came plain or through FEC."""
+        self.peers.register(packet_type, handler)
+        self.fec.register(packet_type, handler)
 
     def _fec_usable(self, peer: int) -> bool:
         """FEC frames only to a peer that advertised them, over a direct UDP link (never a relay)."""
@@ -688,8 +698,9 @@ class Node:
         outbound: list[Transport] = []
         inbound: list[Transport] = []
         if cfg.enable_kcp_proxy or not cfg.disable_kcp_input:
-            transport = kcp.KcpTransport(self.peer_id, self.peers.send)
-            kcp.register(transport, self.peers.register)
+            transport = kcp.KcpTransport(self.peer_id,
+                                         self._send_kcp if cfg.enable_fec_kcp else self.peers.send)
+            kcp.register(transport, self._register_kcp)
             if cfg.enable_kcp_proxy:
                 outbound.append(transport)
             if not cfg.disable_kcp_input:

@@ -177,6 +177,7 @@ EVERY_FLAG: list[tuple[list[str], str, Any]] = [
     (["--peer-timeout", "2.5"], "peer_timeout_s", 2.5),
     (["--latency-first"], "latency_first", True),
     (["--enable-fec-udp"], "enable_fec_udp", True),
+    (["--enable-fec-kcp"], "enable_fec_kcp", True),
 ]
 
 

@@ -505,6 +505,7 @@ def test_check_config_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         "peer_timeout = 5.0",
         "latency_first = true",
         "enable_fec_udp = false",
+        "enable_fec_kcp = false",
         'encryption_algorithm = "aes-gcm"',
         "disable_encryption = false",
         'dev_name = "et0"',

@@ -154,7 +154,7 @@ def _fec_families(peers: Sequence[Mapping[str, Any]]) -> list[Family]:
     """FEC per peer (not per tunnel: a peer with two links has one encoder and one decoder)."""
     per_peer: tuple[tuple[str, str, MetricType, str], ...] = (
         ("fec_tx_data", "pytier_peer_fec_data_frames_total", "counter",
-         "UDP packets sent to the peer as FEC data frames."),
+         "UDP and KCP packets sent to the peer as FEC data frames."),
         ("fec_tx_parity", "pytier_peer_fec_parity_frames_total", "counter",
          "FEC parity frames sent to the peer."),
         ("fec_recovered", "pytier_peer_fec_recovered_packets_total", "counter",
@@ -180,10 +180,14 @@ def _fec_families(peers: Sequence[Mapping[str, Any]]) -> list[Family]:
 
 
 def _parity_ratio(shape: str) -> float:
-    """m / k of a shape shown as "k+mxdepth"; 0 for "off"."""
-    k, _, rest = shape.partition("+")
-    m = rest.partition("x")[0]
-    return int(m) / int(k) if k.isdigit() and m.isdigit() and int(k) else 0.0
+    """m / k of a shape shown as "k+mxdepth"; 0 for "off"; the larger one of "udp S, kcp S"."""
+    ratios = [0.0]
+    for part in shape.split(","):
+        k, _, rest = part.rpartition(" ")[2].partition("+")
+        m = rest.partition("x")[0]
+        if k.isdigit() and m.isdigit() and int(k):
+            ratios.append(int(m) / int(k))
+    return max(ratios)
 
 
 def _counters(stats: Mapping[str, int]) -> Family:

@@ -1,4 +1,5 @@
-"""FEC for plain UDP packets through the tunnel, per peer (docs/fec.md, "What is wired").
+"""FEC for plain UDP packets through the tunnel and for the KCP proxy's packets, per peer
+(docs/fec.md, "What is wired").
 
 Everything here travels in pytier's own peer packet type (PacketType.PytierFec), sealed like Data,
 and only to a peer that advertised PeerFeatureFlag.pytier_fec over a direct UDP link: an EasyTier
@@ -7,6 +8,12 @@ node or relay never sees it. The payload starts with a kind byte:
     FRAME  0 | seq u32 | FEC frame (pytier.fec.framing)
     PLAIN  1 | seq u32 | IP packet      (FEC off, the path's loss still being measured)
     REPORT 2 | packets u32 | lost u32 | bursts u32 | millis u32   (receiver -> sender)
+
+and the same three, 3 KCP_FRAME, 4 KCP_PLAIN, 5 KCP_REPORT, for the KCP lane, whose protected
+packets are the peer packet type byte (KcpSrc 11 or KcpDst 12) then the KcpSrc/KcpDst payload. The
+two lanes have their own sender, receiver and sequence space per peer: a KCP packet's repair is
+worth something only before KCP's own retransmission timeout (30 ms floor), so its blocks close
+after KCP_FLUSH_S, while a UDP stream's may wait UDP_FLUSH_S to fill deep interleaved groups.
 
 `seq` counts every FRAME and PLAIN a sender sent to that peer, so the receiver sees the raw path
 loss and its runs in wire order, whatever the FEC shape, and reports them back every
@@ -46,6 +53,13 @@ log = logging.getLogger("pytier.fec")
 KIND_FRAME = 0
 KIND_PLAIN = 1
 KIND_REPORT = 2
+KIND_KCP_FRAME = 3
+KIND_KCP_PLAIN = 4
+KIND_KCP_REPORT = 5
+LANE_UDP = 0
+LANE_KCP = 1
+# Lane l uses kinds 3l (FRAME), 3l + 1 (PLAIN), 3l + 2 (REPORT).
+_LANE_KINDS = 3
 _SEQ = struct.Struct(">BI")
 _REPORT = struct.Struct(">BIIII")
 SEQ_LEN = _SEQ.size
@@ -63,6 +77,12 @@ MAX_PROTECTED_PACKET = UNDERLAY_PAYLOAD - FRAME_OVERHEAD
 # parity (0.25 s allowed only 4 deep: 45-65 % parity on the bursty path). A repaired packet comes at
 # most this late; packets that arrive are never delayed, and faster streams fill blocks sooner.
 UDP_FLUSH_S = 0.5
+# KCP resends a segment not acknowledged within its RTO (30 ms floor, kcp_config nodelay 2), and
+# fast-resends one 2 acknowledgements later: a repair that comes after that only duplicates it, so
+# a KCP block closes within about the RTO floor. A bulk transfer fills 32-packet groups much sooner.
+KCP_FLUSH_S = 0.03
+# The KCP lane's protected packet: one byte of peer packet type, then the payload.
+KCP_TAG_LEN = 1
 # The first estimate spans at least this many frames (~0.5 s at 5 Mbit/s): a burst-loss path seen
 # over 200 frames looked like anything from 4 % to 20 % loss, and the shape chosen then stuck.
 MIN_PACKETS = 400
@@ -134,10 +154,11 @@ def decode_report(payload: bytes) -> LossSample | None:
 class FecSender:
     """One destination peer: sequences and frames its UDP packets, follows its loss reports."""
 
-    __slots__ = ("_measured", "_next_probe", "_probe_until", "_seq", "controller", "encoder", "plain",
-                 "reports")
+    __slots__ = ("_kind", "_measured", "_next_probe", "_probe_until", "_seq", "controller", "encoder",
+                 "plain", "reports")
 
-    def __init__(self, flush_s: float = UDP_FLUSH_S) -> None:
+    def __init__(self, flush_s: float = UDP_FLUSH_S, lane: int = LANE_UDP) -> None:
+        self._kind = lane * _LANE_KINDS
         self.encoder = FecEncoder(None, flush_s=flush_s, first_group=secrets.randbits(32))
         self.controller = FecController(ControllerConfig(flush_s=flush_s, min_packets=MIN_PACKETS))
         self._seq = secrets.randbits(32)
@@ -166,11 +187,13 @@ class FecSender:
             if now >= self._probe_until and self._measured:
                 self.plain += 1
                 return None
-            return [self._tag(KIND_PLAIN, packet)]
-        return [self._tag(KIND_FRAME, f) for f in self.encoder.push(packet, now)]
+            return [self._tag(self._kind + KIND_PLAIN, packet)]
+        frame = self._kind + KIND_FRAME
+        return [self._tag(frame, f) for f in self.encoder.push(packet, now)]
 
     def poll(self, now: float) -> list[bytes]:
-        return [self._tag(KIND_FRAME, f) for f in self.encoder.poll(now)]
+        frame = self._kind + KIND_FRAME
+        return [self._tag(frame, f) for f in self.encoder.poll(now)]
 
     def next_deadline(self) -> float | None:
         return self.encoder.next_deadline()
@@ -185,25 +208,28 @@ class FecSender:
             est = self.controller.estimate()
             measured = f" (loss {est[0]:.1%}, mean burst {est[1]:.1f})" if est is not None else ""
             log.info("FEC shape %s -> %s%s", before or "off", params or "off", measured)
-        return [self._tag(KIND_FRAME, f) for f in self.encoder.set_params(params)]
+        frame = self._kind + KIND_FRAME
+        return [self._tag(frame, f) for f in self.encoder.set_params(params)]
 
 
 class FecReceiver:
-    """One source peer: measures the path's loss, rebuilds packets, reports back."""
+    """One source peer (one lane): measures the path's loss, rebuilds packets, reports back."""
 
-    __slots__ = ("decoder", "malformed", "meter")
+    __slots__ = ("_kind", "decoder", "malformed", "meter")
 
-    def __init__(self) -> None:
+    def __init__(self, lane: int = LANE_UDP) -> None:
+        self._kind = lane * _LANE_KINDS
         self.decoder = FecDecoder()
         self.meter = LossMeter()
         self.malformed = 0
 
     def receive(self, payload: bytes, now: float) -> list[bytes]:
-        """The IP packets a FRAME or PLAIN delivers (none for a malformed one, counted)."""
+        """The packets a FRAME or PLAIN of this lane delivers (none for a malformed one, counted)."""
         if len(payload) < SEQ_LEN:
             self.malformed += 1
             return []
         kind, seq = _SEQ.unpack_from(payload)
+        kind -= self._kind
         if kind == KIND_PLAIN:
             self.meter.see(seq, now)
             return [payload[SEQ_LEN:]]
@@ -221,29 +247,67 @@ class FecReceiver:
     def report(self, now: float) -> bytes | None:
         self.decoder.poll(now)
         taken = self.meter.take(now)
-        return encode_report(*taken) if taken is not None else None
+        if taken is None:
+            return None
+        report = encode_report(*taken)
+        return bytes((self._kind + KIND_REPORT,)) + report[1:] if self._kind else report
 
 
 SendPayload = Callable[[int, bytes], bool]
 Deliver = Callable[[int, bytes], None]
+PeerPacketHandler = Callable[[int, bytes], None]
+
+
+class _Lane:
+    """One lane's per-peer senders and receivers."""
+
+    __slots__ = ("flush_s", "lane", "receivers", "senders")
+
+    def __init__(self, lane: int, flush_s: float) -> None:
+        self.lane = lane
+        self.flush_s = flush_s
+        self.senders: dict[int, FecSender] = {}
+        self.receivers: dict[int, FecReceiver] = {}
+
+    def sender(self, peer: int) -> FecSender:
+        sender = self.senders.get(peer)
+        if sender is None:
+            sender = self.senders[peer] = FecSender(self.flush_s, self.lane)
+        return sender
+
+    def receiver(self, peer: int) -> FecReceiver:
+        receiver = self.receivers.get(peer)
+        if receiver is None:
+            receiver = self.receivers[peer] = FecReceiver(self.lane)
+        return receiver
 
 
 class FecService:
-    """The node's FEC for UDP: a sender per destination (with --enable-fec-udp), a receiver per source.
+    """The node's FEC: a sender per destination and lane (UDP with --enable-fec-udp, KCP with
+    --enable-fec-kcp), a receiver per source and lane.
 
     `send(peer, payload)` must deliver over a direct UDP link only (False otherwise); `usable(peer)`
-    says whether the peer advertised FEC and is reached that way now.
+    says whether the peer advertised FEC and is reached that way now. `deliver` takes the UDP lane's
+    IP packets; the KCP lane's go to the handler `register`ed for their peer packet type.
     """
 
     def __init__(self, *, enabled: bool, send: SendPayload, deliver: Deliver,
-                 usable: Callable[[int], bool]) -> None:
+                 usable: Callable[[int], bool], enabled_kcp: bool = False) -> None:
         self.enabled = enabled
+        self.enabled_kcp = enabled_kcp
         self._send = send
         self._deliver = deliver
         self._usable = usable
-        self.senders: dict[int, FecSender] = {}
-        self.receivers: dict[int, FecReceiver] = {}
-        self.too_big = 0  # UDP packets above MAX_PROTECTED_PACKET, sent plain
+        self._udp = _Lane(LANE_UDP, UDP_FLUSH_S)
+        self._kcp = _Lane(LANE_KCP, KCP_FLUSH_S)
+        self._lanes = (self._udp, self._kcp)
+        self.senders = self._udp.senders
+        self.receivers = self._udp.receivers
+        self._handlers: dict[int, PeerPacketHandler] = {}
+        self.too_big = 0  # packets above MAX_PROTECTED_PACKET, sent plain
+        self.kcp_sent = 0  # KCP packets that went through the KCP lane
+        self.kcp_received = 0  # KCP packets the KCP lane delivered (arrived or rebuilt)
+        self.kcp_malformed = 0  # rebuilt or arrived with a packet type no handler takes
         # counts of peers that went away, so the totals never go backwards
         self._retired: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -261,18 +325,32 @@ class FecService:
                 handle.cancel()
         self._timer = self._tick = None
 
+    def register(self, packet_type: int, handler: PeerPacketHandler) -> None:
+        """Where a KCP-lane packet of `packet_type` goes: the handler that takes it as a peer packet."""
+        self._handlers[int(packet_type)] = handler
+
     # ---- send side ---------------------------------------------------------------------------
 
     def send_udp(self, peer: int, packet: bytes) -> bool:
         """Whether FEC took the packet (sent as frames); False: the caller sends it as plain Data."""
+        return self._protect(self._udp, peer, packet)
+
+    def send_peer_packet(self, peer: int, packet_type: int, payload: bytes) -> bool:
+        """Whether the KCP lane took this KcpSrc/KcpDst packet; False: the caller sends it as it is."""
+        if not self.enabled_kcp:
+            return False
+        if self._protect(self._kcp, peer, bytes((packet_type,)) + payload):
+            self.kcp_sent += 1
+            return True
+        return False
+
+    def _protect(self, lane: _Lane, peer: int, packet: bytes) -> bool:
         if not self._usable(peer):
             return False
         if len(packet) > MAX_PROTECTED_PACKET:
             self.too_big += 1
             return False
-        sender = self.senders.get(peer)
-        if sender is None:
-            sender = self.senders[peer] = FecSender()
+        sender = lane.sender(peer)
         now = time.monotonic()
         payloads = sender.wrap(packet, now)
         if payloads is None:
@@ -301,12 +379,13 @@ class FecService:
         self._timer_at = math.inf
         now = time.monotonic()
         soonest = math.inf
-        for peer, sender in self.senders.items():
-            for p in sender.poll(now):
-                self._send(peer, p)
-            d = sender.next_deadline()
-            if d is not None:
-                soonest = min(soonest, d)
+        for lane in self._lanes:
+            for peer, sender in lane.senders.items():
+                for p in sender.poll(now):
+                    self._send(peer, p)
+                d = sender.next_deadline()
+                if d is not None:
+                    soonest = min(soonest, d)
         if soonest < math.inf:
             self._arm(soonest)
 
@@ -314,63 +393,111 @@ class FecService:
 
     def on_packet(self, from_peer: int, payload: bytes) -> None:
         """Handler for PacketType.PytierFec payloads (already opened)."""
-        if payload[:1] == bytes((KIND_REPORT,)):
-            sender = self.senders.get(from_peer)
+        if not payload:
+            return
+        lane_no, kind = divmod(payload[0], _LANE_KINDS)
+        if lane_no >= len(self._lanes):
+            self._udp.receiver(from_peer).malformed += 1
+            return
+        lane = self._lanes[lane_no]
+        if kind == KIND_REPORT:
+            sender = lane.senders.get(from_peer)
             sample = decode_report(payload)
             if sender is None or sample is None:
                 return
             for p in sender.on_report(sample):
                 self._send(from_peer, p)
             return
-        receiver = self.receivers.get(from_peer)
-        if receiver is None:
-            receiver = self.receivers[from_peer] = FecReceiver()
-        deliver = self._deliver
-        for packet in receiver.receive(payload, time.monotonic()):
-            deliver(from_peer, packet)
+        packets = lane.receiver(from_peer).receive(payload, time.monotonic())
+        if lane is self._udp:
+            deliver = self._deliver
+            for packet in packets:
+                deliver(from_peer, packet)
+            return
+        handlers = self._handlers
+        for packet in packets:
+            handler = handlers.get(packet[0]) if packet else None
+            if handler is None:
+                self.kcp_malformed += 1
+                continue
+            self.kcp_received += 1
+            handler(from_peer, packet[KCP_TAG_LEN:])
 
     def _on_tick(self) -> None:
         loop = self._loop
         assert loop is not None
         self._tick = loop.call_later(REPORT_INTERVAL_S, self._on_tick)
         now = time.monotonic()
-        for peer, receiver in self.receivers.items():
-            report = receiver.report(now)
-            if report is not None:
-                self._send(peer, report)
+        for lane in self._lanes:
+            for peer, receiver in lane.receivers.items():
+                report = receiver.report(now)
+                if report is not None:
+                    self._send(peer, report)
 
     def forget(self, peers: set[int]) -> None:
         """Drop the state of peers that are gone (a peer that comes back is a new session)."""
-        gone_senders = [s for p in peers if (s := self.senders.pop(p, None)) is not None]
-        gone_receivers = [r for p in peers if (r := self.receivers.pop(p, None)) is not None]
-        for name, value in _totals(gone_senders, gone_receivers).items():
-            self._retired[name] = self._retired.get(name, 0) + value
+        for lane in self._lanes:
+            gone_senders = [s for p in peers if (s := lane.senders.pop(p, None)) is not None]
+            gone_receivers = [r for p in peers if (r := lane.receivers.pop(p, None)) is not None]
+            gone = _totals(gone_senders, gone_receivers)
+            if lane is self._kcp:
+                gone["fec_kcp_tx_parity_frames"] = gone["fec_tx_parity_frames"]
+                gone["fec_kcp_rx_recovered"] = gone["fec_rx_recovered"]
+            for name, value in gone.items():
+                self._retired[name] = self._retired.get(name, 0) + value
 
     # ---- visibility --------------------------------------------------------------------------
 
     def describe(self, peer: int, capable: bool) -> dict[str, Any]:
-        """The fec_* fields of a `pytier-cli peer` row; "fec" is None toward a peer without FEC."""
+        """The fec_* fields of a `pytier-cli peer` row; "fec" is None toward a peer without FEC.
+
+        "fec" is the shape toward the peer of the lane in use ("udp S, kcp S" when both are); the
+        counts add up both lanes; "fec_kcp" is the KCP lane's shape alone.
+        """
         if not capable:
             return {"fec": None}
-        sender = self.senders.get(peer)
-        receiver = self.receivers.get(peer)
-        row: dict[str, Any] = {
-            "fec": str(sender.params) if sender is not None and sender.params is not None else "off",
-        }
-        if sender is not None:
-            c = sender.encoder.counters
-            row["fec_tx_data"] = c.data_frames
-            row["fec_tx_parity"] = c.parity_frames
-        if receiver is not None:
-            d = receiver.decoder.counters
-            row["fec_recovered"] = d.recovered
-            row["fec_unrecovered"] = d.unrecovered_packets
+        shapes = []
+        senders = []
+        receivers = []
+        for lane, name in ((self._udp, "udp"), (self._kcp, "kcp")):
+            sender = lane.senders.get(peer)
+            if sender is not None:
+                senders.append(sender)
+                shapes.append((name, str(sender.params) if sender.params is not None else "off"))
+            receiver = lane.receivers.get(peer)
+            if receiver is not None:
+                receivers.append(receiver)
+        if not shapes:
+            fec = "off"
+        elif len(shapes) == 1:
+            fec = shapes[0][1]
+        else:
+            fec = ", ".join(f"{name} {shape}" for name, shape in shapes)
+        row: dict[str, Any] = {"fec": fec}
+        if senders:
+            row["fec_tx_data"] = sum(s.encoder.counters.data_frames for s in senders)
+            row["fec_tx_parity"] = sum(s.encoder.counters.parity_frames for s in senders)
+        if receivers:
+            row["fec_recovered"] = sum(r.decoder.counters.recovered for r in receivers)
+            row["fec_unrecovered"] = sum(r.decoder.counters.unrecovered_packets for r in receivers)
+        kcp = self._kcp.senders.get(peer)
+        if kcp is not None:
+            row["fec_kcp"] = str(kcp.params) if kcp.params is not None else "off"
         return row
 
     def totals(self) -> dict[str, int]:
-        """Sums over all peers, past ones included, for `pytier-cli stats` and the metrics."""
-        out = _totals(list(self.senders.values()), list(self.receivers.values()))
+        """Sums over all peers and lanes, past ones included, for `pytier-cli stats` and the metrics."""
+        out: dict[str, int] = {}
+        for lane in self._lanes:
+            for name, value in _totals(list(lane.senders.values()), list(lane.receivers.values())).items():
+                out[name] = out.get(name, 0) + value
+        kcp = _totals(list(self._kcp.senders.values()), list(self._kcp.receivers.values()))
+        out["fec_kcp_tx_parity_frames"] = kcp["fec_tx_parity_frames"]
+        out["fec_kcp_rx_recovered"] = kcp["fec_rx_recovered"]
         out["fec_tx_too_big"] = self.too_big
+        out["fec_kcp_tx_packets"] = self.kcp_sent
+        out["fec_kcp_rx_packets"] = self.kcp_received
+        out["fec_kcp_rx_malformed"] = self.kcp_malformed
         for name, value in self._retired.items():
             out[name] = out.get(name, 0) + value
         return {k: v for k, v in out.items() if v}
