@@ -117,9 +117,12 @@ class LossMeter:
                 self.bursts += 1
             self.top = seq
         elif gap >= (1 << 32) - MAX_SEQ_GAP:
-            # late (reordered): it was counted lost when the packets after it came
+            # late (reordered): it was counted lost when the packets after it came; a late one that
+            # filled a gap of one also ends that run (else the report would hold more runs than
+            # losses, which the sender rejects as contradictory, losing the interval's sample)
             if self.lost:
                 self.lost -= 1
+                self.bursts = min(self.bursts, self.lost)
         else:
             self.top = seq
             self.packets += 1
