@@ -367,6 +367,7 @@ def _choice(choices: Sequence[str], aliases: dict[str, str] | None = None) -> Ca
 # The settings
 
 TUN_OFFLOAD_MODES = ("coalesce", "tso", "off")
+PROXY_TRANSPORTS = ("kcp", "quic", "auto")
 
 
 @dataclass
@@ -399,6 +400,7 @@ class Config:
     disable_kcp_input: bool = False
     enable_quic_proxy: bool = False
     disable_quic_input: bool = False
+    proxy_transport: str | None = None  # None: --enable-kcp-proxy / --enable-quic-proxy decide
     use_smoltcp: bool = False
     no_tun: bool = False
     tun_offload: str = "coalesce"
@@ -502,6 +504,9 @@ _GROUPS: tuple[tuple[str, tuple[_Setting, ...]], ...] = (
                  parse_bool),
         _Setting("disable_quic_input", ("--disable-quic-input",), "value",
                  "refuse QUIC-proxied TCP; senders fall back to KCP or plain TCP", parse_bool),
+        _Setting("proxy_transport", ("--proxy-transport",), "value",
+                 "carry own TCP over kcp, quic or auto (per node by loss and RTT)",
+                 _choice(PROXY_TRANSPORTS), "MODE"),
         _Setting("use_smoltcp", ("--use-smoltcp",), "value",
                  "user-space TCP stack for the subnet, KCP and QUIC proxies", parse_bool),
     )),

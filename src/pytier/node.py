@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pytier import __version__, logs
@@ -32,6 +32,7 @@ from pytier.peers.peer_conn import PeerConn
 from pytier.peers.route import RouteService
 from pytier.peers.rpc import PeerRpc
 from pytier.proxy import kcp, quic
+from pytier.proxy.choice import PathMetrics, link_metrics
 from pytier.proxy.service import ProxyService
 from pytier.proxy.transport import Transport
 from pytier.tun.device import OFFLOADS, TunDevice, offload_names
@@ -694,7 +695,7 @@ class Node:
         )
 
     async def _start_proxy(self) -> None:
-        cfg = self.config
+        cfg = _with_proxy_transport(self.config)
         outbound: list[Transport] = []
         inbound: list[Transport] = []
         if cfg.enable_kcp_proxy or not cfg.disable_kcp_input:
@@ -738,11 +739,27 @@ class Node:
             userspace=cfg.use_smoltcp,
             mtu=cfg.mtu,
             netmaps=[(n.cidr, n.mapped) for n in cfg.proxy_networks if n.mapped is not None],
+            auto_metrics=self._path_metrics if cfg.proxy_transport == "auto" else None,
         )
         self.proxy.entries.on_retire = self._proxy_totals.retire
         await self.proxy.start()
         if outbound:
             self._proxy_hook = self.proxy.on_tun_packet
+
+    def _path_metrics(self, peer_id: int, accepts_kcp: bool, accepts_quic: bool) -> PathMetrics:
+        """Our link toward `peer_id`'s first hop, as traffic to it leaves: nothing beyond our
+        neighbours is measured."""
+        peers = self.peers
+        hop = peers.first_hop(peer_id) if peers.first_hop is not None else None
+        if hop is None:
+            hop = peer_id if peers.conns.get(peer_id) else self.route.next_hop(peer_id)
+        conns = peers.conns.get(hop) if hop is not None else None
+        if not conns:
+            return PathMetrics(0.0, None, 0, accepts_kcp, accepts_quic)
+        conn = conns[0]
+        return link_metrics(window_loss=conn.loss_rate, smoothed_loss=conn.smoothed_loss, rtt_s=conn.rtt_s,
+                            up_s=time.monotonic() - conn.connected_at, ping_interval_s=peers.ping_interval_s,
+                            accepts_kcp=accepts_kcp, accepts_quic=accepts_quic)
 
     def _peer_for_ip(self, addr: bytes) -> int | None:
         peer = self._ip_to_peer.get(addr)
@@ -771,6 +788,15 @@ class Node:
             await self._metrics_http.close()
         await self._close_tun()
         log.info("node %d stopped", self.peer_id)
+
+
+def _with_proxy_transport(config: Config) -> Config:
+    """--proxy-transport names the outbound transports in place of --enable-kcp/quic-proxy."""
+    mode = config.proxy_transport
+    if mode is None:
+        return config
+    return replace(config, enable_kcp_proxy=mode in ("kcp", "auto"),
+                   enable_quic_proxy=mode in ("quic", "auto"))
 
 
 async def run_node(config: Config) -> int:

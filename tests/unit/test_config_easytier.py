@@ -518,6 +518,7 @@ def test_check_config_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         "disable_kcp_input = false",
         "enable_quic_proxy = true",
         "disable_quic_input = true",
+        "# proxy_transport is not set",
         "use_smoltcp = true",
         'rpc_portal = "127.0.0.1:15888"',
         'rpc_portal_whitelist = ["127.0.0.0/8", "::1/128"]',

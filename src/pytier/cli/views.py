@@ -179,6 +179,11 @@ def proxy_table(result: Any) -> Table:
         for row, r in zip(rows, result, strict=True):
             row += [cell(r.get("bbr_state")), fixed(r.get("bw_mbit"), 1)]
         optional = ("bbr", "bw(Mbit/s)", *optional)
+    # Rows that --proxy-transport auto chose carry the reason; the column appears only then.
+    if any("why" in r for r in result):
+        headers.append("why")
+        for row, r in zip(rows, result, strict=True):
+            row.append(cell(r.get("why")))
     return Table(headers, rows, optional)
 
 

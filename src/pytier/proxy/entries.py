@@ -47,6 +47,7 @@ class ProxyEntry:
     closed_at: float | None = None
     peer_id: int | None = None
     stats: Callable[[], dict[str, Any]] | None = None
+    why: str | None = None  # --proxy-transport auto: what it measured and chose
 
     def row(self) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -59,6 +60,8 @@ class ProxyEntry:
             "tx_bytes": self.tx_bytes,
             "peer_id": self.peer_id,
         }
+        if self.why is not None:
+            row["why"] = self.why
         if self.stats is not None:
             row.update(self.stats())
         return row

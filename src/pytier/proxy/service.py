@@ -6,7 +6,9 @@ held, not forwarded: the stream to the destination node is opened first, and onl
 has connected to the real destination is the SYN rewritten into our kernel listener (NAT hairpin).
 A refused or unreachable destination therefore reaches the client as a refused connection (RST),
 not as "connected, then closed" as in EasyTier. Destinations that take no transport of ours get the
-SYN as a plain packet: that is the fallback, recorded as a `Tcp` row.
+SYN as a plain packet: that is the fallback, recorded as a `Tcp` row. With `auto_metrics` (the
+`--proxy-transport auto` mode) the transport is chosen per connection from the measured path
+(pytier.proxy.choice); a plain-TCP choice is a `Tcp` row too, and every row says why.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 from typing import Any
 
 from pytier.netstack.events import Endpoint
+from pytier.proxy.choice import AutoChooser, PathMetrics
 from pytier.proxy.entries import EntryState, EntryTable, ProxyEntry, TransportType
 from pytier.proxy.nat_hairpin import NatHairpin
 from pytier.proxy.pipe import ProxyStream, pipe, pipe_streams
@@ -72,8 +75,11 @@ class ProxyService:
         userspace: bool = False,
         mtu: int = 1360,
         netmaps: Sequence[tuple[IPv4Network, IPv4Network]] = (),
+        auto_metrics: Callable[[int, bool, bool], PathMetrics] | None = None,
     ) -> None:
-        """`netmaps`: (real, mapped) prefixes of the subnets this node exports under another prefix."""
+        """`netmaps`: (real, mapped) prefixes of the subnets this node exports under another prefix.
+        `auto_metrics(peer, accepts_kcp, accepts_quic)`: the path toward a destination node, for
+        choosing among the outbound transports per connection; None: the first one it takes."""
         self.own = own
         self._own_ip = own.ip.packed
         self._write_tun = write_tun
@@ -95,6 +101,8 @@ class ProxyService:
         self._userspace: UserspaceStack | None = None
         self._us_choice: dict[bytes, tuple[int, Transport, ProxyEntry, int]] = {}
         self._netmaps = list(netmaps)
+        self._auto_metrics = auto_metrics
+        self._auto = AutoChooser()
         for transport in inbound:
             transport.on_incoming = self._on_incoming
 
@@ -158,16 +166,24 @@ class ProxyService:
     # ---- source side: packets read from TUN -------------------------------------------------
 
     def choose(self, peer_id: int) -> Transport | None:
-        """The first outbound transport (KCP before QUIC) that the destination node takes."""
+        """The transport for a new connection to `peer_id`; None: plain TCP."""
+        return self._choose(peer_id)[0]
+
+    def _choose(self, peer_id: int) -> tuple[Transport | None, str | None]:
+        """The first outbound transport (KCP before QUIC) that the destination node takes, or in auto
+        mode the one the measured path calls for; with auto mode's reason."""
         info = self._peer_info(peer_id)
         if info is None:
-            return None
+            return None, None
         hop = self._next_hop(peer_id)
         hop_info = self._peer_info(hop) if hop is not None and hop != peer_id else None
-        for transport in self._outbound:
-            if transport.accepts(info, hop_info):
-                return transport
-        return None
+        taken = [t for t in self._outbound if t.accepts(info, hop_info)]
+        if self._auto_metrics is None:
+            return (taken[0] if taken else None), None
+        kinds = {t.kind: t for t in taken}
+        metrics = self._auto_metrics(peer_id, TransportType.Kcp in kinds, TransportType.Quic in kinds)
+        choice = self._auto.choose(peer_id, metrics, time.monotonic())
+        return kinds.get(choice.transport), choice.reason
 
     def on_tun_packet(self, pkt: bytes) -> bool:
         """Take a packet read from TUN if it belongs to the proxy; False lets it go out as is."""
@@ -229,11 +245,12 @@ class ProxyService:
         if peer is None:
             return None
         sport, dport = _PORTS.unpack_from(pkt, hl)
-        transport = self.choose(peer)
+        transport, why = self._choose(peer)
         if transport is None:
-            self._start_plain(pkt, hl, src, sport, dst, dport, peer)
+            self._start_plain(pkt, hl, src, sport, dst, dport, peer, why)
             return None
-        entry = ProxyEntry(_addr_port(src, sport), _addr_port(dst, dport), transport.kind, peer_id=peer)
+        entry = ProxyEntry(_addr_port(src, sport), _addr_port(dst, dport), transport.kind, peer_id=peer,
+                           why=why)
         return peer, transport, entry, self.entries.add(entry)
 
     async def _connect(self, syn: bytes, key: tuple[bytes, int], dst: bytes, dport: int, peer: int,
@@ -360,13 +377,13 @@ class ProxyService:
     # ---- plain (fallback) flows: rows only ---------------------------------------------------
 
     def _start_plain(self, pkt: bytes, hl: int, src: bytes, sport: int, dst: bytes, dport: int,
-                     peer: int) -> None:
+                     peer: int, why: str | None = None) -> None:
         flow_key = pkt[12:20] + pkt[hl:hl + 4]
         if flow_key in self._plain:
             self._plain[flow_key].last = time.monotonic()
             return
         entry = ProxyEntry(_addr_port(src, sport), _addr_port(dst, dport), TransportType.Tcp,
-                           state=EntryState.Connected, peer_id=peer)
+                           state=EntryState.Connected, peer_id=peer, why=why)
         self._plain[flow_key] = _PlainFlow(self.entries.add(entry), time.monotonic())
 
     def _track_plain(self, pkt: bytes, hl: int, flags: int) -> None:
@@ -425,6 +442,7 @@ class ProxyService:
         return addr
 
     def peer_gone(self, peer_id: int) -> None:
+        self._auto.forget(peer_id)
         for transport in {id(t): t for t in (*self._outbound, *self._inbound)}.values():
             transport.peer_gone(peer_id)
 
