@@ -128,6 +128,6 @@ def test_what_the_destination_takes_bounds_the_choice() -> None:
     assert choose(neither) == choose(neither, Kcp)
     assert choose(neither).transport is Tcp
     clean = PathMetrics(loss=0.0, rtt_ms=0.6, samples=MIN_SAMPLES, accepts_kcp=True, accepts_quic=True)
-    assert choose(clean).reason == "auto: 0.0% loss, 1 ms: tcp (clean short path)"
+    assert choose(clean).reason == "auto: 0.0% loss, 0.6 ms: tcp (clean short path)"
     fresh = PathMetrics(loss=0.0, rtt_ms=None, samples=0, accepts_kcp=True, accepts_quic=True)
     assert choose(fresh).reason == "auto: 0.0% loss, ? ms: kcp (not measured yet, 0 of 32 pings)"

@@ -94,7 +94,7 @@ class ProxyRow(TypedDict, total=False):
     tx_bytes: int
     rtt_ms: float | None
     retrans: int
-    why: str  # --proxy-transport auto, source side: "auto: 0.0% loss, 1 ms: tcp (clean short path)"
+    why: str  # --proxy-transport auto, source side: "auto: 0.0% loss, 0.6 ms: tcp (clean short path)"
 
 
 # `stats`: a flat mapping of counter name -> int.

@@ -49,7 +49,7 @@ class PathMetrics:
 @dataclass(frozen=True, slots=True)
 class Choice:
     transport: TransportType
-    reason: str  # for `pytier-cli proxy`: "auto: 0.0% loss, 1 ms: tcp (clean short path)"
+    reason: str  # for `pytier-cli proxy`: "auto: 0.0% loss, 0.6 ms: tcp (clean short path)"
 
 
 def link_metrics(*, window_loss: float, smoothed_loss: float, rtt_s: float | None, up_s: float,
@@ -67,7 +67,7 @@ def link_metrics(*, window_loss: float, smoothed_loss: float, rtt_s: float | Non
 def choose(m: PathMetrics, current: TransportType | None = None, *, settling_s: float = 0.0) -> Choice:
     """The transport for a new connection; `current` is what the destination's last one got,
     `settling_s` how much longer a path that left plain TCP must stay clean before it returns."""
-    rtt = "? ms" if m.rtt_ms is None else f"{m.rtt_ms:.0f} ms"
+    rtt = "? ms" if m.rtt_ms is None else f"{m.rtt_ms:.1f} ms" if m.rtt_ms < 10 else f"{m.rtt_ms:.0f} ms"
     measured = f"auto: {100 * m.loss:.1f}% loss, {rtt}"
     if not m.accepts_kcp and not m.accepts_quic:
         return Choice(TransportType.Tcp, f"{measured}: tcp (destination takes neither KCP nor QUIC)")
