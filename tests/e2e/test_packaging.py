@@ -5,6 +5,7 @@ backend, installed into a fresh venv, runs its console scripts; and the Dockerfi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,10 @@ TIMEOUT_S = 120
 
 
 def run(argv: list[str | Path], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=cwd)
+    # The installed commands must find their own copy of pytier, whatever PYTHONPATH the test run has.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=cwd,
+                          env=env)
 
 
 @pytest.fixture(scope="module")

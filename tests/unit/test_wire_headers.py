@@ -13,7 +13,9 @@ u32 = st.integers(0, 2**32 - 1)
 
 
 def test_packet_type_and_flag_values() -> None:
-    assert [t.value for t in PacketType] == list(range(22))
+    # EasyTier 2.6's types, and pytier's own FEC type, which only capable pytier peers receive.
+    assert [t.value for t in PacketType] == [*range(22), 200]
+    assert PacketType.PytierFec == 200
     assert PacketType.KcpSrc == 11 and PacketType.QuicDst == 17 and PacketType.RelayHandshakeAck == 21
     assert HeaderFlags.ENCRYPTED == 1 and HeaderFlags.COMPRESSED == 0x10
     assert HeaderFlags.NOT_SEND_TO_TUN == 0x40
