@@ -12,6 +12,7 @@ measured in the same run on the same testbed:
     pytier-kcp      the same with --enable-kcp-proxy on the source node B
     pytier-kcp-us   the same with --use-smoltcp too (interception by the user-space TCP stack)
     pytier-quic     the same with --enable-quic-proxy on the source node B (QUIC with BBR)
+    pytier-auto     the same with --proxy-transport auto on B (plain, KCP or QUIC per connection)
     easytier-plain  EasyTier 2.6.4 (easytier-pyo3), UDP tunnel
     easytier-kcp    the same with enable_kcp_proxy on B
     easytier-quic   the same with enable_quic_proxy on B
@@ -76,6 +77,7 @@ ROWS: dict[str, str] = {
     "pytier-kcp": "pytier KCP proxy",
     "pytier-kcp-us": "pytier KCP, user-space TCP",
     "pytier-quic": "pytier QUIC proxy (BBR)",
+    "pytier-auto": "pytier auto",
     "easytier-plain": "EasyTier 2.6.4 plain, udp",
     "easytier-kcp": "EasyTier 2.6.4 KCP proxy",
     "easytier-quic": "EasyTier 2.6.4 QUIC proxy",
@@ -165,7 +167,8 @@ def setup_kernel(tb: Testbed, link: Link) -> RowSetup:
 
 
 def setup_pytier(tb: Testbed, link: Link, kcp: bool, quic: bool = False,
-                 userspace: bool = False, scheme: str = "udp", profile_a: Path | None = None) -> RowSetup:
+                 userspace: bool = False, scheme: str = "udp", profile_a: Path | None = None,
+                 auto: bool = False) -> RowSetup:
     """`profile_a`: run node A under cProfile, writing its profile there when A is stopped."""
     na = PytierNode(tb, link.a, [*NET, "-i", f"{VIP_A}/24", "-l", f"{scheme}://0.0.0.0:11010"],
                     name="bench-a")
@@ -176,10 +179,12 @@ def setup_pytier(tb: Testbed, link: Link, kcp: bool, quic: bool = False,
                                  f"{scheme}://{link.ip_a}:11010",
                                  *(["--enable-kcp-proxy"] if kcp else []),
                                  *(["--enable-quic-proxy"] if quic else []),
-                                 *(["--use-smoltcp"] if userspace else [])], name="bench-b").start()
+                                 *(["--use-smoltcp"] if userspace else []),
+                                 *(["--proxy-transport", "auto"] if auto else [])], name="bench-b").start()
     nb.wait_route(VIP_A, timeout=60)
     assert na.proc is not None and nb.proc is not None
-    return RowSetup(VIP_A, VIP_A, carrier_a=na.proc.pid if kcp or quic else None,
+    # auto proxies over KCP on these paths (40 ms or more round trip: see docs/routing.md).
+    return RowSetup(VIP_A, VIP_A, carrier_a=na.proc.pid if kcp or quic or auto else None,
                     procs={"A": na.proc, "B": nb.proc}, pytier_src=nb, logs=[na.log_path, nb.log_path],
                     proxy_kind="Quic" if quic else "Kcp")
 
@@ -223,9 +228,9 @@ def setup_kcptun(tb: Testbed, link: Link, logdir: Path) -> RowSetup:
 def setup(row: str, tb: Testbed, link: Link, logdir: Path) -> RowSetup:
     if row == "kernel":
         return setup_kernel(tb, link)
-    if row in ("pytier-plain", "pytier-kcp", "pytier-kcp-us", "pytier-quic"):
+    if row in ("pytier-plain", "pytier-kcp", "pytier-kcp-us", "pytier-quic", "pytier-auto"):
         return setup_pytier(tb, link, kcp=row in ("pytier-kcp", "pytier-kcp-us"), quic=row == "pytier-quic",
-                            userspace=row == "pytier-kcp-us")
+                            userspace=row == "pytier-kcp-us", auto=row == "pytier-auto")
     if row in ("easytier-plain", "easytier-kcp", "easytier-quic"):
         return setup_easytier(tb, link, kcp=row == "easytier-kcp", quic=row == "easytier-quic")
     return setup_kcptun(tb, link, logdir)
