@@ -699,8 +699,10 @@ class Node:
         outbound: list[Transport] = []
         inbound: list[Transport] = []
         if cfg.enable_kcp_proxy or not cfg.disable_kcp_input:
-            transport = kcp.KcpTransport(self.peer_id,
-                                         self._send_kcp if cfg.enable_fec_kcp else self.peers.send)
+            if cfg.enable_fec_kcp:
+                transport = kcp.KcpTransport(self.peer_id, self._send_kcp, fec_shape=self.fec.kcp_shape)
+            else:
+                transport = kcp.KcpTransport(self.peer_id, self.peers.send)
             kcp.register(transport, self._register_kcp)
             if cfg.enable_kcp_proxy:
                 outbound.append(transport)

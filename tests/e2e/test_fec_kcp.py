@@ -34,10 +34,10 @@ def pair(tb: Testbed, tag: str, extra: list[str]) -> tuple[PytierNode, PytierNod
 
 def transfer(tb: Testbed, na: PytierNode, nb: PytierNode, nbytes: int) -> dict[str, Any]:
     """B's client sends `nbytes` to A's sink through B's KCP proxy; B's row (the data's sender)."""
-    sent, sha_sent, sha_received, _ = tcp_transfer(tb, na.ns, nb.ns, A_IP, nbytes, timeout=120)
+    sent, sha_sent, sha_received, took = tcp_transfer(tb, na.ns, nb.ns, A_IP, nbytes, timeout=120)
     assert sent == nbytes and sha_received == sha_sent
     [row] = [r for r in nb.cli("proxy") if r["transport_type"] == "Kcp"]
-    return dict(row)
+    return {**row, "seconds": round(took, 1)}
 
 
 def peer_row(node: PytierNode) -> dict[str, Any]:
@@ -63,6 +63,8 @@ def test_kcp_through_fec_at_20_percent_loss(testbed: Testbed) -> None:
     assert stats_a["fec_kcp_rx_recovered"] > 0 and row_a["fec_recovered"] > 0, (stats_a, row_a)
     assert "fec_kcp_rx_malformed" not in stats_a and "fec_tx_too_big" not in stats_b
     assert "FEC shape off ->" in nb.log()
+    # the proxy row says what protected the conversation; without the flag it has no such field
+    assert protected["fec"] == row_b["fec_kcp"] != "off" and "fec" not in plain, (protected, plain)
     share_plain = plain["retrans"] / plain["segments_sent"]
     share_fec = protected["retrans"] / protected["segments_sent"]
     assert share_fec < share_plain, (share_fec, share_plain)

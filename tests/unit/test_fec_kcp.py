@@ -146,6 +146,9 @@ def test_peer_view_and_metrics_with_both_lanes() -> None:
     only_kcp.service.send_peer_packet(PEER, int(PacketType.KcpSrc), b"kcp")
     assert only_kcp.service.describe(PEER, True)["fec"] == "off"
     assert h.service.describe(PEER, False) == {"fec": None}
+    assert h.service.kcp_shape(PEER) == "32+20x2" and only_kcp.service.kcp_shape(PEER) == "off"
+    assert Harness(usable=False).service.kcp_shape(PEER) is None
+    assert Harness(enabled_kcp=False).service.kcp_shape(PEER) is None
     rows = [{"peer_id": 2, "hostname": "b", "tunnel": "udp", **row}]
     text = render(node_families({}, {}, rows, None, ProxyTotals()))
     assert 'pytier_peer_fec_parity_ratio{peer_id="2",hostname="b"} 0.625' in text

@@ -451,6 +451,13 @@ class FecService:
 
     # ---- visibility --------------------------------------------------------------------------
 
+    def kcp_shape(self, peer: int) -> str | None:
+        """The KCP lane's shape toward `peer` for a proxy row; None when KCP goes to it plain."""
+        if not self.enabled_kcp or not self._usable(peer):
+            return None
+        sender = self._kcp.senders.get(peer)
+        return str(sender.params) if sender is not None and sender.params is not None else "off"
+
     def describe(self, peer: int, capable: bool) -> dict[str, Any]:
         """The fec_* fields of a `pytier-cli peer` row; "fec" is None toward a peer without FEC.
 

@@ -34,14 +34,18 @@ READ_BUFFER_LOW = 256 * 1024
 WRITE_BUFFER_HIGH = 512 * 1024
 
 SendFn = Callable[[int, int, bytes], object]
+# The FEC shape protecting KCP toward a peer ("32+20x2", "off" while measuring a clean path), or
+# None when its packets go plain (no --enable-fec-kcp, a peer without FEC, no direct UDP link).
+FecShapeFn = Callable[[int], str | None]
 
 
 class KcpStream:
     """One proxied connection's byte stream over KCP (the proxy's ProxyStream)."""
 
-    def __init__(self, transport: KcpTransport, handle: int) -> None:
+    def __init__(self, transport: KcpTransport, handle: int, peer: int) -> None:
         self._t = transport
         self.handle = handle
+        self.peer = peer
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._eof = False
@@ -153,8 +157,11 @@ class KcpStream:
         if self._closed_reason is None:
             with contextlib.suppress(KeyError):
                 s = self._t.endpoint.stats(self.handle)
-        return {"rtt_ms": s.get("srtt_ms"), "retrans": s.get("retransmits"),
-                "segments_sent": s.get("segments_sent"), "spurious": s.get("spurious_resends")}
+        out = {"rtt_ms": s.get("srtt_ms"), "retrans": s.get("retransmits"),
+               "segments_sent": s.get("segments_sent"), "spurious": s.get("spurious_resends")}
+        if self._t.fec_shape is not None:
+            out["fec"] = self._t.fec_shape(self.peer)
+        return out
 
 
 class _KcpIncoming:
@@ -167,7 +174,7 @@ class _KcpIncoming:
         self.conn_data = event.conn_data
 
     def accept(self) -> KcpStream:
-        stream = KcpStream(self._t, self.handle)
+        stream = KcpStream(self._t, self.handle, self.from_peer)
         self._t.streams[self.handle] = stream
         self._t.endpoint.accept(self.handle)
         self._t.kick()
@@ -181,9 +188,10 @@ class _KcpIncoming:
 class KcpTransport:
     kind = TransportType.Kcp
 
-    def __init__(self, my_peer_id: int, send: SendFn) -> None:
+    def __init__(self, my_peer_id: int, send: SendFn, fec_shape: FecShapeFn | None = None) -> None:
         self.endpoint = KcpEndpoint(my_peer_id, now=time.monotonic())
         self._send = send
+        self.fec_shape = fec_shape
         self.streams: dict[int, KcpStream] = {}
         self._connecting: dict[int, asyncio.Future[None]] = {}
         self.on_incoming: Callable[[Incoming], None] | None = None
@@ -204,7 +212,7 @@ class KcpTransport:
         handle = self.endpoint.connect(peer_id, conn_data, time.monotonic())
         fut: asyncio.Future[None] = self._loop.create_future()
         self._connecting[handle] = fut
-        stream = KcpStream(self, handle)
+        stream = KcpStream(self, handle, peer_id)
         self.streams[handle] = stream
         self._pump()
         try:
