@@ -40,10 +40,10 @@ from pytier.testbed.scenarios import SCENARIOS, Scenario
 
 DEFAULT_SCENARIOS = ["policed", "bursty", "long", "reorder", "loss-change", "random-0", "random-10",
                      "random-20"]
-DEFAULT_ROWS = ["kernel", "pytier-plain", "pytier-kcp", "pytier-quic", "pytier-auto", "easytier-kcp",
-                "easytier-quic", "kcptun"]
+DEFAULT_ROWS = ["kernel", "pytier-plain", "pytier-kcp", "pytier-quic", "pytier-auto", "pytier-kcp-fec",
+                "easytier-kcp", "easytier-quic", "kcptun"]
 PYTIER_ROWS = [row for row in pg.ROWS if row.startswith("pytier-")]
-PROXY_ROWS = ["pytier-kcp", "pytier-kcp-us", "pytier-quic", "pytier-auto"]
+PROXY_ROWS = ["pytier-kcp", "pytier-kcp-us", "pytier-quic", "pytier-auto", "pytier-kcp-fec"]
 SAME_TRANSPORT = {"pytier-kcp": "easytier-kcp", "pytier-quic": "easytier-quic"}
 RESEND_FIELDS = ("retrans", "segments_sent", "spurious")
 FLOW_START_TIMEOUT = 30.0  # s for iperf3's data connection to be up before the phases start

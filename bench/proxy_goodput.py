@@ -13,6 +13,7 @@ measured in the same run on the same testbed:
     pytier-kcp-us   the same with --use-smoltcp too (interception by the user-space TCP stack)
     pytier-quic     the same with --enable-quic-proxy on the source node B (QUIC with BBR)
     pytier-auto     the same with --proxy-transport auto on B (plain, KCP or QUIC per connection)
+    pytier-kcp-fec  pytier-kcp with --enable-fec-kcp on both nodes (adaptive FEC under the KCP segments)
     easytier-plain  EasyTier 2.6.4 (easytier-pyo3), UDP tunnel
     easytier-kcp    the same with enable_kcp_proxy on B
     easytier-quic   the same with enable_quic_proxy on B
@@ -78,6 +79,7 @@ ROWS: dict[str, str] = {
     "pytier-kcp-us": "pytier KCP, user-space TCP",
     "pytier-quic": "pytier QUIC proxy (BBR)",
     "pytier-auto": "pytier auto",
+    "pytier-kcp-fec": "pytier KCP+FEC",
     "easytier-plain": "EasyTier 2.6.4 plain, udp",
     "easytier-kcp": "EasyTier 2.6.4 KCP proxy",
     "easytier-quic": "EasyTier 2.6.4 QUIC proxy",
@@ -168,9 +170,11 @@ def setup_kernel(tb: Testbed, link: Link) -> RowSetup:
 
 def setup_pytier(tb: Testbed, link: Link, kcp: bool, quic: bool = False,
                  userspace: bool = False, scheme: str = "udp", profile_a: Path | None = None,
-                 auto: bool = False) -> RowSetup:
-    """`profile_a`: run node A under cProfile, writing its profile there when A is stopped."""
-    na = PytierNode(tb, link.a, [*NET, "-i", f"{VIP_A}/24", "-l", f"{scheme}://0.0.0.0:11010"],
+                 auto: bool = False, fec: bool = False) -> RowSetup:
+    """`profile_a`: run node A under cProfile, writing its profile there when A is stopped. `fec`:
+    --enable-fec-kcp on both nodes."""
+    fec_flags = ["--enable-fec-kcp"] if fec else []
+    na = PytierNode(tb, link.a, [*NET, "-i", f"{VIP_A}/24", "-l", f"{scheme}://0.0.0.0:11010", *fec_flags],
                     name="bench-a")
     if profile_a is not None:
         na.wrap = [sys.executable, "-m", "cProfile", "-o", str(profile_a), "-m", "pytier.cli.core"]
@@ -180,7 +184,8 @@ def setup_pytier(tb: Testbed, link: Link, kcp: bool, quic: bool = False,
                                  *(["--enable-kcp-proxy"] if kcp else []),
                                  *(["--enable-quic-proxy"] if quic else []),
                                  *(["--use-smoltcp"] if userspace else []),
-                                 *(["--proxy-transport", "auto"] if auto else [])], name="bench-b").start()
+                                 *(["--proxy-transport", "auto"] if auto else []), *fec_flags],
+                    name="bench-b").start()
     nb.wait_route(VIP_A, timeout=60)
     assert na.proc is not None and nb.proc is not None
     # auto proxies over KCP on these paths (40 ms or more round trip: see docs/routing.md).
@@ -228,9 +233,10 @@ def setup_kcptun(tb: Testbed, link: Link, logdir: Path) -> RowSetup:
 def setup(row: str, tb: Testbed, link: Link, logdir: Path) -> RowSetup:
     if row == "kernel":
         return setup_kernel(tb, link)
-    if row in ("pytier-plain", "pytier-kcp", "pytier-kcp-us", "pytier-quic", "pytier-auto"):
-        return setup_pytier(tb, link, kcp=row in ("pytier-kcp", "pytier-kcp-us"), quic=row == "pytier-quic",
-                            userspace=row == "pytier-kcp-us", auto=row == "pytier-auto")
+    if row in ("pytier-plain", "pytier-kcp", "pytier-kcp-us", "pytier-quic", "pytier-auto", "pytier-kcp-fec"):
+        return setup_pytier(tb, link, kcp=row in ("pytier-kcp", "pytier-kcp-us", "pytier-kcp-fec"),
+                            quic=row == "pytier-quic", userspace=row == "pytier-kcp-us",
+                            auto=row == "pytier-auto", fec=row == "pytier-kcp-fec")
     if row in ("easytier-plain", "easytier-kcp", "easytier-quic"):
         return setup_easytier(tb, link, kcp=row == "easytier-kcp", quic=row == "easytier-quic")
     return setup_kcptun(tb, link, logdir)
