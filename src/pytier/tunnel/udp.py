@@ -47,6 +47,34 @@ def _tune(sock: socket.socket) -> None:
                 sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER_BYTES)
 
 
+def _split_read(data: memoryview, seg: int, tun: _UdpTunnel | None,
+                other: Callable[[memoryview], None]) -> None:
+    """Hand out what one read returned: a GRO run's Data datagrams of `tun`'s connection go up to it
+    as batches, every other datagram (or the read's only one, perhaps empty) to `other`, in order."""
+    n = len(data)
+    if seg >= n:
+        other(data)
+        return
+    if tun is None:
+        for off in range(0, n, seg):
+            other(data[off:off + seg])
+        return
+    conn_id, packets = tun.conn_id, []
+    for off in range(0, n, seg):
+        d = data[off:off + seg]
+        if len(d) >= 8 and d[4] == _DATA:
+            cid, _, _, length = _UDP_HDR.unpack_from(d)
+            if cid == conn_id and length == len(d) - 8:
+                packets.append(bytes(d[8:]))
+                continue
+        if packets:
+            tun.deliver_many(packets)
+            packets = []
+        other(d)
+    if packets:
+        tun.deliver_many(packets)
+
+
 class _UdpTunnel(Tunnel):
     def __init__(
         self, info: TunnelInfo, conn_id: int, sendto: Callable[[bytes], None], on_gone: Callable[[], None]
@@ -116,30 +144,8 @@ class UdpListener:
         return self._sock.stats.tx_errors if self._sock is not None else 0
 
     def _on_datagrams(self, data: memoryview, seg: int, addr: tuple[str, int]) -> None:
-        n = len(data)
-        tun = self._tunnels.get(addr) if seg < n else None
-        if tun is None:
-            if seg >= n:  # one datagram, perhaps an empty one
-                self._on_datagram(data, addr)
-                return
-            for off in range(0, n, seg):
-                self._on_datagram(data[off:off + seg], addr)
-            return
-        # A GRO run from one sender: its Data datagrams go up as one batch, in order with the rest.
-        conn_id, packets = tun.conn_id, []
-        for off in range(0, n, seg):
-            d = data[off:off + seg]
-            if len(d) >= 8 and d[4] == _DATA:
-                cid, _, _, length = _UDP_HDR.unpack_from(d)
-                if cid == conn_id and length == len(d) - 8:
-                    packets.append(bytes(d[8:]))
-                    continue
-            if packets:
-                tun.deliver_many(packets)
-                packets = []
-            self._on_datagram(d, addr)
-        if packets:
-            tun.deliver_many(packets)
+        tun = self._tunnels.get(addr) if seg < len(data) else None
+        _split_read(data, seg, tun, lambda d: self._on_datagram(d, addr))
 
     def _on_datagram(self, data: memoryview, addr: tuple[str, int]) -> None:
         if len(data) >= 8 and data[4] == _DATA:
@@ -217,26 +223,7 @@ class _UdpClient:
         self.magic = b""
 
     def on_datagrams(self, data: memoryview, seg: int, addr: tuple[str, int]) -> None:
-        n = len(data)
-        tun = self.tunnel
-        if seg >= n:  # one datagram, perhaps an empty one
-            self.on_datagram(data, addr)
-            return
-        if tun is None:
-            for off in range(0, n, seg):
-                self.on_datagram(data[off:off + seg], addr)
-            return
-        conn_id, packets = tun.conn_id, []
-        for off in range(0, n, seg):
-            d = data[off:off + seg]
-            if len(d) >= 8 and d[4] == _DATA:
-                cid, _, _, length = _UDP_HDR.unpack_from(d)
-                if cid == conn_id and length == len(d) - 8:
-                    packets.append(bytes(d[8:]))
-                    continue
-            tun.stats.rx_malformed += 1
-        if packets:
-            tun.deliver_many(packets)
+        _split_read(data, seg, self.tunnel, lambda d: self.on_datagram(d, addr))
 
     def on_datagram(self, data: memoryview, addr: tuple[str, int]) -> None:
         tun = self.tunnel
