@@ -370,14 +370,7 @@ class PeerManager:
         if conn is None:
             self.counters["tx_dropped_no_route"] += 1
             return False
-        cipher = self.cipher
-        if cipher is not None and packet_type in SEALED_TYPES:
-            body = cipher.seal(payload)
-            flags = _ENCRYPTED
-        else:
-            body = payload
-            flags = 0
-        conn.tunnel.send(HEADER.pack(self.my_peer_id, to_peer, packet_type, flags, 1, 0, len(payload)) + body)
+        conn.tunnel.send(self._packet(to_peer, packet_type, payload))
         return True
 
     def send_direct_udp(self, to_peer: int, packet_type: int, payload: bytes) -> bool:
@@ -386,6 +379,11 @@ class PeerManager:
         conns = self.conns.get(to_peer)
         if not conns or conns[0].tunnel.info.scheme != "udp":
             return False
+        conns[0].tunnel.send(self._packet(to_peer, packet_type, payload))
+        return True
+
+    def _packet(self, to_peer: int, packet_type: int, payload: bytes) -> bytes:
+        """Our peer header and the payload, sealed when encryption is on and the type is sealed."""
         cipher = self.cipher
         if cipher is not None and packet_type in SEALED_TYPES:
             body = cipher.seal(payload)
@@ -393,9 +391,7 @@ class PeerManager:
         else:
             body = payload
             flags = 0
-        header = HEADER.pack(self.my_peer_id, to_peer, packet_type, flags, 1, 0, len(payload))
-        conns[0].tunnel.send(header + body)
-        return True
+        return HEADER.pack(self.my_peer_id, to_peer, packet_type, flags, 1, 0, len(payload)) + body
 
     def is_direct(self, peer_id: int) -> bool:
         return peer_id in self.conns
