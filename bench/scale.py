@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import select
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from typing import Any
 
 import proxy_goodput as pg
 
+from pytier.testbed.hostile import open_fds, rss_kib
 from pytier.testbed.netns import Testbed, nft_input_loss
 from pytier.testbed.nodes import PytierNode
 
@@ -46,17 +46,6 @@ WARMUP = 50
 ROWS_GONE_S = 60.0  # closed rows linger 5 s; this is the bound on waiting for them to go
 # After the rows: KCP's time-wait and the hairpin's closed entries (10 s each) and the sweep (5 s).
 SETTLE_S = 16.0
-
-
-def vm_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 @dataclass
@@ -71,10 +60,10 @@ class Setup:
         return {"A": self.na.proc.pid, "B": self.nb.proc.pid}
 
     def rss(self) -> dict[str, int]:
-        return {k: vm_rss_kib(p) for k, p in self.pids().items()}
+        return {k: rss_kib(p) for k, p in self.pids().items()}
 
     def fds(self) -> dict[str, int]:
-        return {k: fd_count(p) for k, p in self.pids().items()}
+        return {k: open_fds(p) for k, p in self.pids().items()}
 
     def rows(self) -> dict[str, list[dict[str, Any]]]:
         return {"A": list(self.na.cli("proxy")), "B": list(self.nb.cli("proxy"))}
@@ -188,16 +177,23 @@ class MemoryResult:
     notes: list[str] = field(default_factory=list)
 
 
+def start_warmed_up(tb: Testbed, proxy: str, loss: int, logdir: Path, name: str, timeout: float,
+                    notes: list[str]) -> Setup:
+    """Start the pair, run WARMUP short connections (the per-node caches fill), and wait until
+    their rows and time-wait entries are gone, so that what is measured next starts from rest."""
+    s = start(tb, proxy, loss, logdir, name)
+    warm = run_client(s, client_argv(WARMUP, 1, 1024, timeout, hold=False, first_id=10**6), timeout * 2)
+    if warm["summary"] != {"complete": WARMUP}:
+        notes.append(f"warm-up: {warm['summary']}")
+    s.wait_rows_gone()
+    time.sleep(SETTLE_S)
+    return s
+
+
 def measure_memory(proxy: str, n: int, args: argparse.Namespace, logdir: Path) -> MemoryResult:
     r = MemoryResult(proxy, n)
     with Testbed() as tb:
-        s = start(tb, proxy, args.loss, logdir, f"memory-{proxy}-{n}")
-        warm = run_client(s, client_argv(WARMUP, 1, 1024, args.timeout, hold=False, first_id=10**6),
-                          args.timeout * 2)
-        if warm["summary"] != {"complete": WARMUP}:
-            r.notes.append(f"warm-up: {warm['summary']}")
-        s.wait_rows_gone()
-        time.sleep(SETTLE_S)
+        s = start_warmed_up(tb, proxy, args.loss, logdir, f"memory-{proxy}-{n}", args.timeout, r.notes)
         r.before = s.rss()
         sampler = Sampler(s)
         sampler.start()
@@ -245,13 +241,7 @@ class ChurnResult:
 def measure_churn(proxy: str, count: int, args: argparse.Namespace, logdir: Path) -> ChurnResult:
     r = ChurnResult(proxy, count)
     with Testbed() as tb:
-        s = start(tb, proxy, args.churn_loss, logdir, f"churn-{proxy}")
-        warm = run_client(s, client_argv(WARMUP, 1, 1024, args.timeout, hold=False, first_id=10**6),
-                          args.timeout * 2)
-        if warm["summary"] != {"complete": WARMUP}:
-            r.notes.append(f"warm-up: {warm['summary']}")
-        s.wait_rows_gone()
-        time.sleep(SETTLE_S)
+        s = start_warmed_up(tb, proxy, args.churn_loss, logdir, f"churn-{proxy}", args.timeout, r.notes)
         fds0, rss0 = s.fds(), s.rss()
         t0 = time.monotonic()
         # Per connection at most --timeout; the whole run is bounded by the sum plus a margin.
