@@ -10,6 +10,7 @@ shorter. Either feature falls back to one datagram per syscall where the kernel 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -81,7 +82,10 @@ class UdpSocket:
         # Datagrams bigger than the path's MTU leave as IP fragments, which GSO cannot make
         # (EMSGSIZE): runs of such sizes go one by one.
         self._gso_max_size = MAX_UDP_PAYLOAD
-        self.gro = offload and _enable_gro(sock)
+        if offload:
+            # A kernel without UDP_GRO just hands over one datagram per read.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         sock.setblocking(False)
         self._loop.add_reader(self._fd, self._read)
 
@@ -219,14 +223,6 @@ class UdpSocket:
             self._loop.remove_writer(self._fd)
         self._queue.clear()
         self.sock.close()
-
-
-def _enable_gro(sock: socket.socket) -> bool:
-    try:
-        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-    except OSError:
-        return False
-    return True
 
 
 def _name(sock: socket.socket) -> str:
