@@ -475,11 +475,11 @@ class Node:
 
     def describe_stats(self) -> dict[str, int]:
         stats = dict(self.counters)
-        malformed = sum(getattr(lst, "rx_malformed", 0) for lst in self._listeners)
+        malformed = sum(lst.rx_malformed for lst in self._listeners)
         malformed += sum(c.tunnel.stats.rx_malformed for conns in self.peers.conns.values() for c in conns)
         if malformed:
             stats["rx_malformed_datagrams"] = malformed
-        tx_errors = sum(getattr(lst, "tx_errors", 0) for lst in self._listeners)
+        tx_errors = sum(lst.tx_errors for lst in self._listeners)
         tx_errors += sum(c.tunnel.stats.tx_errors for conns in self.peers.conns.values() for c in conns)
         if tx_errors:
             stats["tx_send_errors"] = tx_errors
@@ -500,11 +500,10 @@ class Node:
 
     def _udp_socket_stats(self) -> dict[str, int]:
         """Batching counters summed over every UDP socket: a listener's socket serves many tunnels."""
-        sockets = {id(s): s for s in (getattr(lst, "socket_stats", None) for lst in self._listeners) if s}
+        sockets = {id(s): s for s in (lst.socket_stats for lst in self._listeners) if s is not None}
         for conns in self.peers.conns.values():
             for c in conns:
-                s = getattr(c.tunnel, "socket_stats", None)
-                if s is not None:
+                if (s := c.tunnel.socket_stats) is not None:
                     sockets[id(s)] = s
         total: dict[str, int] = {}
         for s in sockets.values():

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pytier.tunnel.udp_socket import SocketStats
 
 log = logging.getLogger("pytier.tunnel")
 
@@ -39,6 +44,8 @@ class Tunnel:
     def __init__(self, info: TunnelInfo) -> None:
         self.info = info
         self.stats = TunnelStats()
+        # The batching counters of the UDP socket under this tunnel; a listener's socket is shared.
+        self.socket_stats: SocketStats | None = None
         self.closed = False
         self.close_reason = ""
         self._on_packet: PacketHandler | None = None
@@ -99,3 +106,23 @@ class Tunnel:
     def __repr__(self) -> str:
         i = self.info
         return f"<{type(self).__name__} {i.scheme} {i.local_addr} -> {i.remote_addr}>"
+
+
+class Listener:
+    """What the node reads from every listener: its address, and what it dropped or refused by reason."""
+
+    def __init__(self) -> None:
+        self.local_addr = ""
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.rx_malformed = 0
+
+    @property
+    def tx_errors(self) -> int:
+        return 0
+
+    @property
+    def socket_stats(self) -> SocketStats | None:
+        return None
+
+    def close(self) -> None:
+        raise NotImplementedError

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import socket
 from collections.abc import Callable
 from typing import cast
 
-from pytier.tunnel.base import Tunnel, TunnelInfo, log
+from pytier.tunnel.base import Listener, Tunnel, TunnelInfo, log
 from pytier.wire.errors import WireError
 from pytier.wire.tunnel_frame import TcpFrameDecoder, encode_tcp_frame
 
@@ -101,14 +100,13 @@ class _TcpTunnel(Tunnel, asyncio.Protocol):
             self._transport.close()
 
 
-class TcpListener:
+class TcpListener(Listener):
     """Accepts tunnels; the peer layer bounds how many may be in their handshake and for how long."""
 
     def __init__(self, on_tunnel: Callable[[Tunnel], None]) -> None:
+        super().__init__()
         self.on_tunnel = on_tunnel
         self._server: asyncio.Server | None = None
-        self.local_addr = ""
-        self.counters: collections.Counter[str] = collections.Counter()
 
     @classmethod
     async def start(cls, host: str, port: int, on_tunnel: Callable[[Tunnel], None]) -> TcpListener:

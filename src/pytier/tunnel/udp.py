@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -13,7 +12,7 @@ import struct
 from collections.abc import Callable
 
 from pytier.ratelog import RateLimitedLog
-from pytier.tunnel.base import Tunnel, TunnelInfo, log
+from pytier.tunnel.base import Listener, Tunnel, TunnelInfo, log
 from pytier.tunnel.udp_socket import SocketStats, UdpSocket
 from pytier.wire.errors import WireError
 from pytier.wire.tunnel_frame import UdpMsgType, is_stun, pack_udp, parse_udp
@@ -84,7 +83,6 @@ class _UdpTunnel(Tunnel):
         self._prefix = _UDP_HDR.pack(conn_id, _DATA, 0, 0)[:5]
         self._sendto = sendto
         self._on_gone = on_gone
-        self.socket_stats: SocketStats | None = None
 
     def send(self, packet: bytes) -> None:
         if self.closed:
@@ -103,18 +101,17 @@ class _UdpTunnel(Tunnel):
         self._on_gone()
 
 
-class UdpListener:
+class UdpListener(Listener):
     """One bound socket; one tunnel per remote address, as EasyTier's UDP listener keys them."""
 
     def __init__(self, on_tunnel: Callable[[Tunnel], None]) -> None:
+        super().__init__()
         self._on_tunnel = on_tunnel
         self._sock: UdpSocket | None = None
         self._tunnels: dict[tuple[str, int], _UdpTunnel] = {}
         self._syn_magic: dict[tuple[str, int], bytes] = {}
-        self.local_addr = ""
-        self.rx_malformed = 0
-        # Dropped datagrams by reason (rx_dropped_udp_*, docs/limits.md); their log lines are rate-limited.
-        self.counters: collections.Counter[str] = collections.Counter()
+        # Dropped datagrams by reason (rx_dropped_udp_*, docs/limits.md) are in `counters`; their log
+        # lines are rate-limited.
         self._bad_input_log = RateLimitedLog(log)
 
     @classmethod
@@ -135,9 +132,8 @@ class UdpListener:
         return proto
 
     @property
-    def socket_stats(self) -> SocketStats:
-        assert self._sock is not None
-        return self._sock.stats
+    def socket_stats(self) -> SocketStats | None:
+        return self._sock.stats if self._sock is not None else None
 
     @property
     def tx_errors(self) -> int:
