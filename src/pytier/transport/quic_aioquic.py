@@ -642,3 +642,8 @@ class NullCryptoQuicConnection(QuicConnection):
     def smoothed_rtt(self) -> float | None:
         loss = self._loss
         return loss._rtt_smoothed if loss._rtt_initialized else None
+
+    @property
+    def pto_count(self) -> int:
+        """Probe timeouts in a row that no acknowledgement answered (RFC 9002 §6.2.1's backoff exponent)."""
+        return int(self._loss._pto_count)
