@@ -26,6 +26,8 @@ from pytier.wire.peer_header import PacketType
 
 HEADER_LEN = struct.Struct(">H")
 FINAL_STATS_KEPT = 1024  # streams whose last figures wait for the proxy to collect them
+# A probe timeout's datagram goes out 2^n times for the n-th timeout in a row, up to this many.
+MAX_PROBE_COPIES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,7 @@ class _Conn:
     streams: dict[int, _Stream] = field(default_factory=dict)
     idle_since: float | None = None
     ping_ids: itertools.count[int] = field(default_factory=itertools.count)
+    probe_copies: int = 0  # times the next datagram goes out: a probe timeout's (see handle_timer)
     # Streams we are done with that aioquic still holds: their late frames are not new streams.
     done_ids: set[int] = field(default_factory=set)
 
@@ -350,6 +353,11 @@ class QuicEndpoint:
             if sent:
                 conn.last_sent = now
                 kind = conn.send_type
+                if conn.probe_copies:
+                    # Copies of one datagram share its packet number: the receiver keeps the first
+                    # that arrives and drops the rest as duplicates.
+                    out.extend((conn.peer, kind, sent[0][0]) for _ in range(conn.probe_copies - 1))
+                    conn.probe_copies = 0
                 for data, _addr in sent:
                     out.append((conn.peer, kind, data))
             conn.quic.note_app_limited()
@@ -381,7 +389,17 @@ class QuicEndpoint:
             quic = conn.quic
             t = quic.get_timer()
             if t is not None and t <= now:
+                timeouts = quic.pto_count
                 quic.handle_timer(now)
+                if quic.pto_count > timeouts and quic.handshake_complete:
+                    # A probe timeout: nothing sent lately was answered, and the timeout doubles
+                    # each time. Where loss comes in runs of packets (a radio link; the bursty
+                    # path's Gilbert-Elliott model counts packets, however far apart), one probe per
+                    # timeout makes the wait grow exponentially with the run's length: a 64-byte
+                    # echo stalled for 15 s. Doubling the probe's copies too keeps the wait in
+                    # proportion to the run, for a few small datagrams (a probe is one packet: a
+                    # PING and the oldest unacknowledged data).
+                    conn.probe_copies = min(1 << quic.pto_count, MAX_PROBE_COPIES)
             if conn.is_client and not quic.handshake_complete and now >= conn.created + s.connect_timeout_s:
                 quic.close(error_code=0, reason_phrase="handshake timed out")
                 self._end_conn(conn, "QUIC handshake timed out", now)
