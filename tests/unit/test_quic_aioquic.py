@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import aioquic
 import pytest
@@ -19,7 +21,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.rangeset import RangeSet
 from aioquic.quic.recovery import QuicPacketRecovery
-from aioquic.quic.stream import QuicStreamSender
+from aioquic.quic.stream import QuicStream, QuicStreamSender
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -55,6 +57,17 @@ def test_aioquic_is_the_pinned_version() -> None:
     ("_unblock_streams", ["is_unidirectional"]),
     ("_on_max_stream_data_delivery", ["delivery", "stream"]),
     ("_parse_transport_parameters", ["data", "from_session_ticket"]),
+    ("_write_application", ["builder", "network_path", "now"]),
+    ("_get_or_create_stream", ["frame_type", "stream_id"]),
+    ("_get_or_create_stream_for_send", ["stream_id"]),
+    ("_handle_max_data_frame", ["context", "frame_type", "buf"]),
+    ("stop_stream", ["stream_id", "error_code"]),
+    ("_stream_limit", ["stream_id"]),
+    ("_write_ack_frame", ["builder", "space", "now"]),
+    ("_write_connection_limits", ["builder", "space"]),
+    ("_write_crypto_frame", ["builder", "space", "stream"]),
+    ("_write_ping_frame", ["builder", "uids", "comment"]),
+    ("_write_streams_blocked_frame", ["builder", "frame_type", "limit"]),
 ])
 def test_overridden_and_called_connection_methods_keep_their_signatures(name: str, params: list[str]) -> None:
     method = getattr(QuicConnection, name, None)
@@ -79,7 +92,12 @@ def test_internal_attributes_are_where_the_adapter_expects_them() -> None:
     assert "K_PACKET_THRESHOLD" in inspect.getsource(QuicPacketRecovery._detect_loss)
     assert type(conn._loss).__name__ == "ReorderTolerantRecovery"
     sender = QuicStreamSender(stream_id=0, writable=True)
-    assert {"_buffer_stop", "highest_offset"} <= set(vars(sender))
+    assert {"_buffer_stop", "highest_offset", "_pending", "_pending_eof"} <= set(vars(sender))
+    # The stream scheduler replaces the packet loop's walks over these, and keeps the queue empty.
+    for attr in ("_streams_queue", "_streams_blocked_bidi", "_streams_blocked_uni", "_remote_max_data",
+                 "_remote_max_data_used", "_ping_pending", "_probe_pending", "_crypto_streams"):
+        assert hasattr(conn, attr), attr
+    assert "_streams_queue" in inspect.getsource(QuicConnection._write_application)
     # The builder sizes packets from the crypto pair's tag size and calls encrypt_packet.
     source = inspect.getsource(QuicPacketBuilder)
     assert "aead_tag_size" in source and "encrypt_packet" in source
@@ -410,3 +428,77 @@ def test_server_completing_on_a_1rtt_packet_keeps_its_path_validated() -> None:
             if isinstance(ev, events.StreamDataReceived):
                 received += ev.data
     assert received == b"hello" and not server.closed
+
+
+# ---- the stream scheduler -------------------------------------------------------------------------
+
+
+def _idle_streams_then_bulk(count: int, *, aioquic_loop: bool = False) -> tuple[int, int, bytes]:
+    """`count` streams that each moved 100 bytes and went idle, then one stream sending 300 KB:
+    (stream visits, datagrams) of the bulk transfer, and what the server received on the bulk stream.
+    A visit is a look at one stream by the packet loop: a read of its is_finished or a
+    _write_stream_limits call. `aioquic_loop` runs aioquic's own packet loop instead, to show
+    what the count measures."""
+    pair = Pair()
+    pair.exchange()
+    for _ in range(count):
+        sid = pair.client.get_next_available_stream_id()
+        pair.client.send_stream_data(sid, b"i" * 100)
+    for _ in range(300):  # 3 s: all delivered, and any retransmission done with
+        pair.now += 0.01
+        pair.exchange()
+    assert pair.server is not None and len(pair.received) == count
+    bulk = pair.client.get_next_available_stream_id()
+    data = os.urandom(300_000)
+    pair.client.send_stream_data(bulk, data)
+    if aioquic_loop:
+        pair.client._write_application = types.MethodType(
+            QuicConnection._write_application, pair.client)
+        pair.client._streams_queue = list(pair.client._streams.values())
+    visits = [0]
+    is_finished = vars(QuicStream)["is_finished"]
+    assert isinstance(is_finished, property) and is_finished.fget is not None
+    read_is_finished = is_finished.fget
+    limits = NullCryptoQuicConnection._write_stream_limits
+
+    def counted_is_finished(stream: QuicStream) -> bool:
+        visits[0] += 1
+        return bool(read_is_finished(stream))
+
+    def counted_limits(self: NullCryptoQuicConnection, builder: Any, space: Any, stream: QuicStream) -> None:
+        visits[0] += 1
+        limits(self, builder, space, stream)
+
+    datagrams = 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(QuicStream, "is_finished", property(counted_is_finished))
+        mp.setattr(NullCryptoQuicConnection, "_write_stream_limits", counted_limits)
+        for _ in range(400):
+            pair.now += 0.002
+            sent = pair.client.datagrams_to_send(pair.now)
+            datagrams += len(sent)
+            for d, _ in sent:
+                pair.server.receive_datagram(d, ("c", 0), pair.now)
+            for d, _ in pair.server.datagrams_to_send(pair.now):
+                pair.client.receive_datagram(d, ("s", 0), pair.now)
+            while (ev := pair.server.next_event()) is not None:
+                if isinstance(ev, events.StreamDataReceived):
+                    pair.received.setdefault(ev.stream_id, bytearray()).extend(ev.data)
+                    pair.server.consume(ev.stream_id, len(ev.data))
+            if len(pair.received.get(bulk, b"")) == len(data):
+                break
+    return visits[0], datagrams, bytes(pair.received.get(bulk, b""))
+
+
+def test_a_packet_costs_the_same_with_10_or_2000_idle_streams() -> None:
+    few_visits, few_datagrams, few_got = _idle_streams_then_bulk(10)
+    many_visits, many_datagrams, many_got = _idle_streams_then_bulk(2000)
+    assert len(few_got) == 300_000 and len(many_got) == 300_000
+    assert few_datagrams > 200 and many_datagrams > 200
+    # A few looks per datagram (the bulk stream, a stream whose credit is due), whatever the count.
+    assert few_visits / few_datagrams < 4 and many_visits / many_datagrams < 4
+    assert many_visits / many_datagrams < 1.5 * few_visits / few_datagrams
+    # aioquic's own loop looks at every stream for every packet it builds.
+    old_visits, old_datagrams, old_got = _idle_streams_then_bulk(2000, aioquic_loop=True)
+    assert len(old_got) == 300_000
+    assert old_visits / old_datagrams > 2000

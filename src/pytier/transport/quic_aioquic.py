@@ -31,6 +31,12 @@ fails loudly if an upgrade moves any of them):
   9002 allows: on a path that reorders, fixed thresholds resend every reordered packet.
 * The fixed bit: we never advertise grease_quic_bit, so a quinn peer keeps it set and aioquic's
   header parser (which requires it) accepts every packet.
+* Stream scheduling: `_write_application` (aioquic's packet loop) is replaced so that a packet's
+  work does not grow with the number of streams: aioquic walks every stream twice per packet (for
+  MAX_STREAM_DATA and for STREAM frames, then rebuilds `_streams_queue`); here streams enter a queue
+  when something may give them a frame (see "the stream scheduler" below), which leans on
+  `_get_or_create_stream(_for_send)`, `_unblock_streams`, `_handle_max_data_frame`, the senders'
+  `_pending` / `_pending_eof`, and the delivery callbacks of QuicStreamSender / QuicStreamReceiver.
 * Speed: `RangeSet.add` (ACK ranges, received packet numbers, stream reassembly) scans its ranges
   linearly, which at 10-20% loss, with hundreds of ranges, was the largest single cost of a transfer;
   it is replaced, process-wide, by a binary search with the same results.
@@ -39,26 +45,32 @@ fails loudly if an upgrade moves any of them):
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import Any
 
 from aioquic import tls
-from aioquic.buffer import Buffer
+from aioquic.buffer import Buffer, size_uint_var
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.congestion.base import QuicCongestionControl, register_congestion_control
 from aioquic.quic.connection import (
     END_STATES,
     MAX_STREAM_DATA_FRAME_CAPACITY,
+    RESET_STREAM_FRAME_CAPACITY,
+    STOP_SENDING_FRAME_CAPACITY,
     QuicConnection,
+    QuicNetworkPath,
     QuicReceiveContext,
+    stream_is_client_initiated,
 )
 from aioquic.quic.crypto import CryptoError, KeyUnavailableError
-from aioquic.quic.packet import QuicFrameType, QuicProtocolVersion, decode_packet_number
-from aioquic.quic.packet_builder import QuicPacketBuilder, QuicSentPacket
+from aioquic.quic.packet import QuicFrameType, QuicPacketType, QuicProtocolVersion, decode_packet_number
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder, QuicSentPacket
 from aioquic.quic.rangeset import RangeSet
 from aioquic.quic.recovery import K_PACKET_THRESHOLD, K_TIME_THRESHOLD, QuicPacketRecovery, QuicPacketSpace
+from aioquic.quic.stream import QuicStream
 
 from pytier.transport import quic_null_crypto
 from pytier.transport.bbr import Bbr, SentState
@@ -464,6 +476,20 @@ class ReorderTolerantRecovery(QuicPacketRecovery):
 
 # ---- the connection -----------------------------------------------------------------------------
 
+# What serving a stream left it as (see NullCryptoQuicConnection._serve).
+_MORE = "more"  # sent, and has more to send: back in the queue, at its end
+_FULL = "full"  # the packet had no room for its next frame: first in line for the next packet
+_IDLE = "idle"  # nothing to send until something queues it again
+_DISCARDED = "discarded"  # finished, and forgotten
+# Below this much room a packet takes no further STREAM frame of the stream being served.
+MIN_FRAME_ROOM = 64
+
+
+def _room(builder: QuicPacketBuilder) -> int:
+    """Bytes the current packet can still take for a frame that counts toward the congestion window."""
+    return min(builder.remaining_buffer_space, builder.remaining_flight_space)
+
+
 
 def make_configuration(*, is_client: bool, idle_timeout_s: float = 30.0, stream_window: int = 4 << 20,
                        initial_rtt_s: float = 0.1) -> QuicConfiguration:
@@ -502,6 +528,14 @@ class NullCryptoQuicConnection(QuicConnection):
         self._pacer = BbrPacer(cc.bbr, max_datagram_size=configuration.max_datagram_size)
         self._loss._pacer = self._pacer  # type: ignore[assignment]
         self.recovery = ReorderTolerantRecovery.adopt(self._loss)
+        # The stream scheduler's state (see _write_application): streams that may have a frame to
+        # send, in service order, and the same as a set; streams stopped by the connection's credit;
+        # streams whose receive credit may have to be raised.
+        self._ready: deque[QuicStream] = deque()
+        self._ready_set: set[QuicStream] = set()
+        self._credit_blocked: set[QuicStream] = set()
+        self._limits_due: set[QuicStream] = set()
+        self.stream_visits = 0  # streams the scheduler looked at, over the connection's life
 
     # -- the parts of aioquic replaced ------------------------------------------------------------
 
@@ -592,6 +626,269 @@ class NullCryptoQuicConnection(QuicConnection):
             buf.push_uint_var(stream.max_stream_data_local)
             stream.max_stream_data_local_sent = stream.max_stream_data_local
 
+    # -- the stream scheduler ----------------------------------------------------------------------
+    #
+    # aioquic's packet loop calls _write_stream_limits for every stream and walks its whole stream
+    # queue for every packet it builds (and rebuilds the queue after each), so a packet's cost grows
+    # with the number of open streams, idle or not: 5,000 proxied connections over one peer's QUIC
+    # connection left the node too busy to move any of them. Here a stream is queued when something
+    # may give it a frame to send (data written, a reset or stop asked for, a frame of it lost, a
+    # frame received for it, which can also finish it, or credit granted), and the loop serves the
+    # queue round-robin until the packet is full; a stream with nothing left leaves the queue. The
+    # cost of a packet then depends on the frames it carries, not on how many streams exist.
+    # (Frames written here are not given to a quic_logger, which pytier never configures.)
+
+    def _mark(self, stream: QuicStream) -> None:
+        if stream not in self._ready_set:
+            self._ready_set.add(stream)
+            self._ready.append(stream)
+
+    def _get_or_create_stream(self, frame_type: int, stream_id: int) -> QuicStream:
+        stream = super()._get_or_create_stream(frame_type, stream_id)
+        self._streams_queue.clear()  # aioquic's own queue, which nothing here reads
+        self._mark(stream)
+        return stream
+
+    def _get_or_create_stream_for_send(self, stream_id: int) -> QuicStream:
+        stream = super()._get_or_create_stream_for_send(stream_id)
+        self._streams_queue.clear()
+        self._mark(stream)
+        return stream
+
+    def stop_stream(self, stream_id: int, error_code: int) -> None:
+        super().stop_stream(stream_id, error_code)
+        self._mark(self._streams[stream_id])
+
+    def _unblock_streams(self, is_unidirectional: bool) -> None:
+        blocked = list(self._streams_blocked_uni if is_unidirectional else self._streams_blocked_bidi)
+        super()._unblock_streams(is_unidirectional)
+        for stream in blocked:
+            if not stream.is_blocked:
+                self._mark(stream)
+
+    def _handle_max_data_frame(self, context: QuicReceiveContext, frame_type: int, buf: Buffer) -> None:
+        before = self._remote_max_data
+        super()._handle_max_data_frame(context, frame_type, buf)
+        if self._remote_max_data > before:
+            for stream in self._credit_blocked:
+                self._mark(stream)
+            self._credit_blocked.clear()
+
+    def _on_max_stream_data_delivery(self, delivery: QuicDeliveryState, stream: QuicStream) -> None:
+        super()._on_max_stream_data_delivery(delivery, stream)
+        if delivery != QuicDeliveryState.ACKED:
+            self._limits_due.add(stream)
+
+    def _on_stream_data_delivery(self, delivery: QuicDeliveryState, stream: QuicStream, start: int,
+                                 stop: int, fin: bool) -> None:
+        sender = stream.sender
+        sender.on_data_delivery(delivery, start, stop, fin)
+        if delivery != QuicDeliveryState.ACKED or sender.is_finished:
+            self._mark(stream)  # data to resend, or a finished stream to discard
+
+    def _on_reset_delivery(self, delivery: QuicDeliveryState, stream: QuicStream) -> None:
+        stream.sender.on_reset_delivery(delivery)
+        self._mark(stream)
+
+    def _on_stop_sending_delivery(self, delivery: QuicDeliveryState, stream: QuicStream) -> None:
+        stream.receiver.on_stop_sending_delivery(delivery)
+        if delivery != QuicDeliveryState.ACKED:
+            self._mark(stream)
+
+    def _write_application(self, builder: QuicPacketBuilder, network_path: QuicNetworkPath,
+                           now: float) -> None:
+        """aioquic's, with the stream scheduler above in place of its two walks over all streams."""
+        crypto_stream: QuicStream | None = None
+        if self._cryptos[tls.Epoch.ONE_RTT].send.is_valid():
+            crypto = self._cryptos[tls.Epoch.ONE_RTT]
+            crypto_stream = self._crypto_streams[tls.Epoch.ONE_RTT]
+            packet_type = QuicPacketType.ONE_RTT
+        elif self._cryptos[tls.Epoch.ZERO_RTT].send.is_valid():
+            crypto = self._cryptos[tls.Epoch.ZERO_RTT]
+            packet_type = QuicPacketType.ZERO_RTT
+        else:
+            return
+        space = self._spaces[tls.Epoch.ONE_RTT]
+        while True:
+            if space.ack_at is None or space.ack_at >= now:
+                self._pacing_at = self._loss._pacer.next_send_time(now=now)
+                if self._pacing_at is not None:
+                    break
+            builder.start_packet(packet_type, crypto)
+            if packet_type == QuicPacketType.ONE_RTT and space.ack_at is not None and space.ack_at <= now:
+                self._write_ack_frame(builder=builder, space=space, now=now)
+            if self._handshake_complete:
+                self._write_control_frames(builder, space, network_path, now)
+            if self._limits_due:
+                self._write_due_stream_limits(builder, space)
+            if self._ping_pending:
+                self._write_ping_frame(builder, self._ping_pending)
+                self._ping_pending.clear()
+            if self._probe_pending:
+                self._write_ping_frame(builder, comment="probe")
+                self._probe_pending = False
+            if crypto_stream is not None and not crypto_stream.sender.buffer_is_empty:
+                self._write_crypto_frame(builder=builder, space=space, stream=crypto_stream)
+            discarded = self._write_ready_streams(builder, space) if self._ready else False
+            if builder.packet_is_empty:
+                # A discarded stream may let the peer open another, which the next packet's
+                # MAX_STREAMS announces.
+                if not discarded:
+                    break
+            else:
+                self._loss._pacer.update_after_send(now=now)
+
+    def _write_control_frames(self, builder: QuicPacketBuilder, space: QuicPacketSpace,
+                              network_path: QuicNetworkPath, now: float) -> None:
+        """The connection-level frames of aioquic's packet loop, in its order."""
+        if not (network_path.is_validated or network_path.local_challenge_sent):
+            self._write_path_challenge_frame(builder=builder, network_path=network_path)
+            if network_path.validation_deadline is None:
+                network_path.validation_deadline = now + 3 * max(self._loss.get_probe_timeout(),
+                                                                 2 * self._configuration.initial_rtt)
+        if self._handshake_done_pending:
+            self._write_handshake_done_frame(builder=builder)
+            self._handshake_done_pending = False
+        while network_path.remote_challenges:
+            self._write_path_response_frame(builder=builder, challenge=network_path.remote_challenges[0])
+            network_path.remote_challenges.popleft()
+        for connection_id in self._host_cids:
+            if not connection_id.was_sent:
+                self._write_new_connection_id_frame(builder=builder, connection_id=connection_id)
+        for sequence_number in self._retire_connection_ids[:]:
+            self._write_retire_connection_id_frame(builder=builder, sequence_number=sequence_number)
+            self._retire_connection_ids.pop(0)
+        if self._streams_blocked_pending:
+            if self._streams_blocked_bidi:
+                self._write_streams_blocked_frame(
+                    builder=builder, frame_type=QuicFrameType.STREAMS_BLOCKED_BIDI,
+                    limit=self._remote_max_streams_bidi)
+            if self._streams_blocked_uni:
+                self._write_streams_blocked_frame(
+                    builder=builder, frame_type=QuicFrameType.STREAMS_BLOCKED_UNI,
+                    limit=self._remote_max_streams_uni)
+            self._streams_blocked_pending = False
+        self._write_connection_limits(builder=builder, space=space)
+
+    def _write_due_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        due = self._limits_due
+        streams = self._streams
+        while due:
+            if _room(builder) < MAX_STREAM_DATA_FRAME_CAPACITY:
+                return  # the rest go in the next packet
+            stream = due.pop()
+            self.stream_visits += 1
+            if streams.get(stream.stream_id or 0) is stream:
+                self._write_stream_limits(builder, space, stream)
+
+    def _write_ready_streams(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> bool:
+        """Serve queued streams, round-robin, until the packet is full or each was served once;
+        True when a finished stream was discarded."""
+        ready, ready_set = self._ready, self._ready_set
+        discarded = False
+        for _ in range(len(ready)):
+            stream = ready.popleft()
+            self.stream_visits += 1
+            outcome = self._serve(builder, space, stream)
+            if outcome is _MORE:
+                ready.append(stream)
+            elif outcome is _FULL:
+                ready.appendleft(stream)
+                break
+            else:
+                ready_set.discard(stream)
+                if outcome is _DISCARDED:
+                    discarded = True
+        return discarded
+
+    def _serve(self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream) -> object:
+        if stream.is_finished:
+            sid = stream.stream_id
+            assert sid is not None
+            if self._streams.get(sid) is stream:
+                del self._streams[sid]
+                if stream_is_client_initiated(sid) != self._is_client:
+                    # Let the peer open a new stream for each one that closes (RFC 9000 §4.6).
+                    self._stream_limit(sid).value += 1
+            self._limits_due.discard(stream)
+            self._credit_blocked.discard(stream)
+            return _DISCARDED
+        receiver, sender = stream.receiver, stream.sender
+        if receiver.stop_pending:
+            if _room(builder) < STOP_SENDING_FRAME_CAPACITY:
+                return _FULL
+            self._write_stop_sending(builder, stream)
+        if sender.reset_pending:
+            if _room(builder) < RESET_STREAM_FRAME_CAPACITY:
+                return _FULL
+            self._write_reset_stream(builder, stream)
+            return _IDLE  # queued again when the reset is acknowledged (to discard) or lost
+        if stream.is_blocked or sender.buffer_is_empty:
+            return _IDLE
+        pending = sender._pending
+        wrote = False
+        # A frame ends where a pending range does: while retransmitting, several go in one packet.
+        while True:
+            credit = self._remote_max_data - self._remote_max_data_used
+            max_offset = min(sender.highest_offset + credit, stream.max_stream_data_remote)
+            if len(pending) and pending[0].start >= max_offset:
+                if max_offset < stream.max_stream_data_remote:
+                    self._credit_blocked.add(stream)  # queued again by MAX_DATA
+                return _IDLE  # else queued again by the peer's MAX_STREAM_DATA
+            sent = self._write_stream(builder, stream, max_offset)
+            if sent is None:
+                if not (len(pending) or sender._pending_eof):
+                    return _IDLE
+                return _MORE if wrote else _FULL
+            wrote = True
+            self._remote_max_data_used += sent
+            if not (len(pending) or sender._pending_eof):
+                return _IDLE
+            if _room(builder) < MIN_FRAME_ROOM:
+                return _MORE
+
+    def _write_stream(self, builder: QuicPacketBuilder, stream: QuicStream, max_offset: int) -> int | None:
+        """One STREAM frame, as large as the packet and `max_offset` allow: the new bytes it carries
+        (retransmitted ones not counted), or None when not even its header fits."""
+        sender = stream.sender
+        sid = stream.stream_id
+        assert sid is not None
+        next_offset = sender.next_offset
+        overhead = 3 + size_uint_var(sid) + (size_uint_var(next_offset) if next_offset else 0)
+        previous_highest = sender.highest_offset
+        frame = sender.get_frame(builder.remaining_flight_space - overhead, max_offset)
+        if frame is None:
+            return None
+        frame_type = QuicFrameType.STREAM_BASE | 2  # with a length
+        if frame.offset:
+            frame_type |= 4
+        if frame.fin:
+            frame_type |= 1
+        stop = frame.offset + len(frame.data)
+        buf = builder.start_frame(frame_type, capacity=overhead, handler=self._on_stream_data_delivery,
+                                  handler_args=(stream, frame.offset, stop, frame.fin))
+        buf.push_uint_var(sid)
+        if frame.offset:
+            buf.push_uint_var(frame.offset)
+        buf.push_uint16(len(frame.data) | 0x4000)
+        buf.push_bytes(frame.data)
+        return sender.highest_offset - previous_highest
+
+    def _write_reset_stream(self, builder: QuicPacketBuilder, stream: QuicStream) -> None:
+        buf = builder.start_frame(QuicFrameType.RESET_STREAM, capacity=RESET_STREAM_FRAME_CAPACITY,
+                                  handler=self._on_reset_delivery, handler_args=(stream,))
+        frame = stream.sender.get_reset_frame()
+        buf.push_uint_var(frame.stream_id)
+        buf.push_uint_var(frame.error_code)
+        buf.push_uint_var(frame.final_size)
+
+    def _write_stop_sending(self, builder: QuicPacketBuilder, stream: QuicStream) -> None:
+        buf = builder.start_frame(QuicFrameType.STOP_SENDING, capacity=STOP_SENDING_FRAME_CAPACITY,
+                                  handler=self._on_stop_sending_delivery, handler_args=(stream,))
+        frame = stream.receiver.get_stop_frame()
+        buf.push_uint_var(frame.stream_id)
+        buf.push_uint_var(frame.error_code)
+
     # -- what the endpoint asks of a connection ----------------------------------------------------
 
     @property
@@ -616,6 +913,9 @@ class NullCryptoQuicConnection(QuicConnection):
     def consume(self, stream_id: int, nbytes: int) -> None:
         """The application read `nbytes` more of a stream: credit the peer with as much again."""
         self._consumed[stream_id] = self._consumed.get(stream_id, 0) + nbytes
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._limits_due.add(stream)
 
     def forget_stream(self, stream_id: int) -> None:
         self._consumed.pop(stream_id, None)
