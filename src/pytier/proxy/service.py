@@ -169,9 +169,9 @@ class ProxyService:
         """The transport for a new connection to `peer_id`; None: plain TCP."""
         return self._choose(peer_id)[0]
 
-    def _choose(self, peer_id: int) -> tuple[Transport | None, str | None]:
+    def _choose(self, peer_id: int, port: int | None = None) -> tuple[Transport | None, str | None]:
         """The first outbound transport (KCP before QUIC) that the destination node takes, or in auto
-        mode the one the measured path calls for; with auto mode's reason."""
+        mode the one the measured path and the destination port call for; with auto mode's reason."""
         info = self._peer_info(peer_id)
         if info is None:
             return None, None
@@ -182,7 +182,7 @@ class ProxyService:
             return (taken[0] if taken else None), None
         kinds = {t.kind: t for t in taken}
         metrics = self._auto_metrics(peer_id, TransportType.Kcp in kinds, TransportType.Quic in kinds)
-        choice = self._auto.choose(peer_id, metrics, time.monotonic())
+        choice = self._auto.choose(peer_id, metrics, time.monotonic(), port)
         return kinds.get(choice.transport), choice.reason
 
     def on_tun_packet(self, pkt: bytes) -> bool:
@@ -245,7 +245,7 @@ class ProxyService:
         if peer is None:
             return None
         sport, dport = _PORTS.unpack_from(pkt, hl)
-        transport, why = self._choose(peer)
+        transport, why = self._choose(peer, dport)
         if transport is None:
             self._start_plain(pkt, hl, src, sport, dst, dport, peer, why)
             return None
