@@ -113,11 +113,13 @@ def client_argv(count: int, concurrency: int, nbytes: int, timeout: float, *, ho
                 first_id: int = 0) -> list[str]:
     argv = [sys.executable, "-m", "pytier.testbed.tcpload", "client", "--host", VIP_A, "--port", str(PORT),
             "--count", str(count), "--concurrency", str(concurrency), "--up", str(nbytes), "--down",
-            str(nbytes), "--timeout", str(timeout), "--first-id", str(first_id)]
+            str(nbytes), "--timeout", str(timeout), "--first-id", str(first_id), "--per-conn"]
     return [*argv, "--hold"] if hold else argv
 
 
-def read_json_line(proc: subprocess.Popen[Any], deadline: float) -> dict[str, Any]:
+def read_json_line(proc: subprocess.Popen[Any], deadline: float,
+                   conns: list[dict[str, Any]]) -> dict[str, Any]:
+    """The client's next line that is not a connection's outcome; those go to `conns`."""
     assert proc.stdout is not None
     while True:
         left = deadline - time.monotonic()
@@ -128,13 +130,30 @@ def read_json_line(proc: subprocess.Popen[Any], deadline: float) -> dict[str, An
             line = proc.stdout.readline()
             if not line:
                 raise RuntimeError(f"the load client exited ({proc.wait()})")
-            return dict(json.loads(line))
+            record = dict(json.loads(line))
+            if "outcome" not in record:
+                return record
+            conns.append(record)
 
 
-def run_client(s: Setup, argv: list[str], timeout: float) -> dict[str, Any]:
+def failure_notes(conns: list[dict[str, Any]]) -> list[str]:
+    """How the failed connections ended and when (seconds after their start), one line per outcome."""
+    by_outcome: dict[str, list[float]] = {}
+    for c in conns:
+        if c["outcome"] != "complete":
+            by_outcome.setdefault(c["outcome"], []).append(float(c["seconds"]))
+    notes = []
+    for outcome, secs in sorted(by_outcome.items()):
+        secs.sort()
+        notes.append(f"{len(secs)} {outcome}, after {secs[0]:.1f} / {secs[len(secs) // 2]:.1f} / "
+                     f"{secs[-1]:.1f} s (first / median / last)")
+    return notes
+
+
+def run_client(s: Setup, argv: list[str], timeout: float, conns: list[dict[str, Any]]) -> dict[str, Any]:
     proc = s.tb.popen(s.nb.ns, argv, stdout=subprocess.PIPE, text=True)
     try:
-        return read_json_line(proc, time.monotonic() + timeout)
+        return read_json_line(proc, time.monotonic() + timeout, conns)
     finally:
         proc.wait(10)
 
@@ -182,7 +201,7 @@ def start_warmed_up(tb: Testbed, proxy: str, loss: int, logdir: Path, name: str,
     """Start the pair, run WARMUP short connections (the per-node caches fill), and wait until
     their rows and time-wait entries are gone, so that what is measured next starts from rest."""
     s = start(tb, proxy, loss, logdir, name)
-    warm = run_client(s, client_argv(WARMUP, 1, 1024, timeout, hold=False, first_id=10**6), timeout * 2)
+    warm = run_client(s, client_argv(WARMUP, 1, 1024, timeout, hold=False, first_id=10**6), timeout * 2, [])
     if warm["summary"] != {"complete": WARMUP}:
         notes.append(f"warm-up: {warm['summary']}")
     s.wait_rows_gone()
@@ -200,8 +219,9 @@ def measure_memory(proxy: str, n: int, args: argparse.Namespace, logdir: Path) -
         t0 = time.monotonic()
         proc = tb.popen(s.nb.ns, client_argv(n, n, args.bytes, args.timeout, hold=True),
                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        conns: list[dict[str, Any]] = []
         try:
-            held = read_json_line(proc, t0 + args.timeout + 30)
+            held = read_json_line(proc, t0 + args.timeout + 30, conns)
             r.seconds = time.monotonic() - t0
             time.sleep(1.0)
             r.held = s.rss()
@@ -214,8 +234,9 @@ def measure_memory(proxy: str, n: int, args: argparse.Namespace, logdir: Path) -
             assert proc.stdin is not None
             proc.stdin.write("\n")
             proc.stdin.flush()
-            summary = read_json_line(proc, time.monotonic() + 60)
+            summary = read_json_line(proc, time.monotonic() + 60, conns)
             r.outcomes = summary["summary"]
+            r.notes.extend(failure_notes(conns))
         finally:
             r.peak = sampler.stop()
             proc.wait(30)
@@ -245,9 +266,12 @@ def measure_churn(proxy: str, count: int, args: argparse.Namespace, logdir: Path
         fds0, rss0 = s.fds(), s.rss()
         t0 = time.monotonic()
         # Per connection at most --timeout; the whole run is bounded by the sum plus a margin.
-        result = run_client(s, client_argv(count, 1, 1024, args.timeout, hold=False), count * 2.0 + 120)
+        conns: list[dict[str, Any]] = []
+        argv = client_argv(count, 1, 1024, args.timeout, hold=False)
+        result = run_client(s, argv, count * 2.0 + 120, conns)
         r.seconds = time.monotonic() - t0
         r.outcomes = result["summary"]
+        r.notes.extend(failure_notes(conns))
         r.rows_left = s.wait_rows_gone()
         time.sleep(SETTLE_S)
         r.fds, r.rss = (fds0, s.fds()), (rss0, s.rss())
