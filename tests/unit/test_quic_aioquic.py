@@ -298,10 +298,12 @@ def test_server_accepts_the_minimal_parameters_the_real_node_accepted_and_grease
 class Pair:
     """Client and server joined by a zero-delay in-memory link, with a virtual clock."""
 
-    def __init__(self, stream_window: int = 4 << 20) -> None:
+    def __init__(self, stream_window: int = 4 << 20,
+                 receive_budget: int = quic_aioquic.RECEIVE_CREDIT_BUDGET) -> None:
         self.now = 0.0
-        self.client = NullCryptoQuicConnection(configuration=make_configuration(is_client=True,
-                                                                                stream_window=stream_window))
+        self.client = NullCryptoQuicConnection(configuration=make_configuration(
+            is_client=True, stream_window=stream_window, receive_credit_budget=receive_budget))
+        self.budget = receive_budget
         self.client.connect(("s", 0), self.now)
         self.server: NullCryptoQuicConnection | None = None
         self.window = stream_window
@@ -313,7 +315,8 @@ class Pair:
             for data, _ in self.client.datagrams_to_send(self.now):
                 if self.server is None:
                     self.server = NullCryptoQuicConnection(
-                        configuration=make_configuration(is_client=False, stream_window=self.window),
+                        configuration=make_configuration(is_client=False, stream_window=self.window,
+                                                         receive_credit_budget=self.budget),
                         original_destination_connection_id=data[6:6 + data[5]])
                 self.server.receive_datagram(data, ("c", 0), self.now)
                 moved = True
@@ -336,14 +339,15 @@ def test_stream_credit_follows_what_the_application_consumed() -> None:
     for _ in range(40):
         pair.now += 0.01
         pair.exchange()
-    assert len(pair.received[sid]) == 64 * 1024  # the window, not aioquic's doubling
-    assert pair.client.unsent_bytes(sid) == (1 << 20) - 64 * 1024  # the rest waits in the send buffer
+    first = quic_aioquic.INITIAL_STREAM_WINDOW
+    assert len(pair.received[sid]) == first  # the initial window, not aioquic's doubling
+    assert pair.client.unsent_bytes(sid) == (1 << 20) - first  # the rest waits in the send buffer
     assert pair.server is not None
-    pair.server.consume(sid, 64 * 1024)
+    pair.server.consume(sid, first)
     for _ in range(40):
         pair.now += 0.01
         pair.exchange()
-    assert len(pair.received[sid]) == 128 * 1024
+    assert len(pair.received[sid]) == first + 64 * 1024  # what was read, plus the stream window
 
 
 def test_pacer_releases_datagrams_at_the_pacing_rate() -> None:
@@ -354,6 +358,7 @@ def test_pacer_releases_datagrams_at_the_pacing_rate() -> None:
     pair.client.send_stream_data(sid, os.urandom(4 << 20))
     bbr = pair.client.congestion.bbr
     bbr.cwnd = 10 << 20  # let the pacer alone limit the sender
+    pair.client._streams[sid].max_stream_data_remote = 1 << 30
     pair.client.congestion.congestion_window = bbr.cwnd
     rate = bbr.pacing_rate
     released = 0
@@ -452,8 +457,8 @@ def _idle_streams_then_bulk(count: int, *, aioquic_loop: bool = False) -> tuple[
     data = os.urandom(300_000)
     pair.client.send_stream_data(bulk, data)
     if aioquic_loop:
-        pair.client._write_application = types.MethodType(
-            QuicConnection._write_application, pair.client)
+        for name in ("_write_application", "_get_or_create_stream", "_get_or_create_stream_for_send"):
+            setattr(pair.client, name, types.MethodType(getattr(QuicConnection, name), pair.client))
         pair.client._streams_queue = list(pair.client._streams.values())
     visits = [0]
     is_finished = vars(QuicStream)["is_finished"]
@@ -502,3 +507,45 @@ def test_a_packet_costs_the_same_with_10_or_2000_idle_streams() -> None:
     old_visits, old_datagrams, old_got = _idle_streams_then_bulk(2000, aioquic_loop=True)
     assert len(old_got) == 300_000
     assert old_visits / old_datagrams > 2000
+
+
+def test_what_a_peer_may_send_unread_is_bounded_per_connection() -> None:
+    """16 streams each with 512 KiB to send; the receiver reads 48 KiB of each (which raises their
+    credit toward the 256 KiB window) and then nothing. What arrived unread stays within 16 initial
+    windows plus the connection's 512 KiB budget, where 16 full windows would be 4.5 MiB."""
+    budget, window, count = 512 << 10, 256 << 10, 16
+    pair = Pair(stream_window=window, receive_budget=budget)
+    pair.exchange()
+    sids = []
+    for _ in range(count):
+        sid = pair.client.get_next_available_stream_id()
+        pair.client.send_stream_data(sid, os.urandom(512 << 10))
+        sids.append(sid)
+    consumed = dict.fromkeys(sids, 0)
+    for _ in range(300):
+        pair.now += 0.005
+        pair.exchange()
+        assert pair.server is not None
+        for sid in sids:
+            take = min(len(pair.received.get(sid, b"")), 48 << 10) - consumed[sid]
+            if take > 0:
+                pair.server.consume(sid, take)
+                consumed[sid] += take
+    assert pair.server is not None
+    assert all(c == 48 << 10 for c in consumed.values())
+    unread = sum(pair.server._streams[sid].receiver.highest_offset - consumed[sid] for sid in sids)
+    assert unread <= count * quic_aioquic.INITIAL_STREAM_WINDOW + budget
+    assert unread > budget  # the budget was used: the streams were granted more than their initial window
+    assert pair.server.extra_credit_total <= budget
+    # Reading frees the budget again: every stream then moves all its bytes.
+    for _ in range(600):
+        pair.now += 0.005
+        pair.exchange()
+        for sid in sids:
+            take = len(pair.received.get(sid, b"")) - consumed[sid]
+            if take > 0:
+                pair.server.consume(sid, take)
+                consumed[sid] += take
+        if all(c == 512 << 10 for c in consumed.values()):
+            break
+    assert all(c == 512 << 10 for c in consumed.values())

@@ -47,6 +47,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
@@ -89,6 +90,14 @@ CONNECTION_ID_LENGTH = 8
 MAX_STREAMS_BIDI = 8192
 # Connection-level credit is effectively unlimited, as quinn's; the per-stream window does the work.
 CONNECTION_MAX_DATA = 1 << 60
+# A stream's receive credit starts at this (the transport parameters' initial_max_stream_data); it
+# grows toward the configured stream window (16 MiB in the proxy) as the application reads, but past
+# this initial window all the streams of a connection share RECEIVE_CREDIT_BUDGET: what a peer may
+# have sent that the application has not read is at most N x INITIAL_STREAM_WINDOW + the budget,
+# where every stream's full window would be N x 16 MiB. One bulk stream still gets its whole window;
+# a thousand busy ones get 32 KiB plus a share each.
+INITIAL_STREAM_WINDOW = 32 << 10
+RECEIVE_CREDIT_BUDGET = 16 << 20
 ACK_DELAY_EXPONENT = 3
 MAX_ACK_DELAY_MS = 25
 
@@ -491,16 +500,27 @@ def _room(builder: QuicPacketBuilder) -> int:
 
 
 
+@dataclass
+class PytierQuicConfiguration(QuicConfiguration):
+    # How far a stream's receive credit may grow past what the application read; every stream
+    # starts with max_stream_data (INITIAL_STREAM_WINDOW at most).
+    stream_window: int = 4 << 20
+    receive_credit_budget: int = RECEIVE_CREDIT_BUDGET
+
+
 def make_configuration(*, is_client: bool, idle_timeout_s: float = 30.0, stream_window: int = 4 << 20,
-                       initial_rtt_s: float = 0.1) -> QuicConfiguration:
-    config = QuicConfiguration(
+                       initial_rtt_s: float = 0.1,
+                       receive_credit_budget: int = RECEIVE_CREDIT_BUDGET) -> PytierQuicConfiguration:
+    config = PytierQuicConfiguration(
         is_client=is_client,
         congestion_control_algorithm=CONGESTION_CONTROL,
         connection_id_length=CONNECTION_ID_LENGTH,
         idle_timeout=idle_timeout_s,
         max_datagram_size=MAX_UDP_PAYLOAD,
         max_data=CONNECTION_MAX_DATA,
-        max_stream_data=stream_window,
+        max_stream_data=min(stream_window, INITIAL_STREAM_WINDOW),
+        stream_window=stream_window,
+        receive_credit_budget=receive_credit_budget,
         supported_versions=[QuicProtocolVersion.VERSION_1],
         initial_rtt=initial_rtt_s,
     )
@@ -520,8 +540,14 @@ class NullCryptoQuicConnection(QuicConnection):
                          original_destination_connection_id=original_destination_connection_id)
         self._local_max_streams_bidi.value = self._local_max_streams_bidi.sent = MAX_STREAMS_BIDI
         self._local_max_streams_uni.value = self._local_max_streams_uni.sent = 0
-        self._stream_window = configuration.max_stream_data
+        self._initial_window = configuration.max_stream_data
+        self._stream_window = max(self._initial_window, getattr(configuration, "stream_window", 0))
+        self._credit_budget = getattr(configuration, "receive_credit_budget", RECEIVE_CREDIT_BUDGET)
         self._consumed: dict[int, int] = {}
+        # Receive credit granted past each stream's initial window and not yet read, and its sum,
+        # which RECEIVE_CREDIT_BUDGET bounds.
+        self._extra_credit: dict[int, int] = {}
+        self.extra_credit_total = 0
         cc = self._loss._cc
         assert isinstance(cc, BbrCongestionControl)
         self.congestion: BbrCongestionControl = cc
@@ -614,11 +640,16 @@ class NullCryptoQuicConnection(QuicConnection):
     def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: Any) -> None:
         if not stream.max_stream_data_local:
             return
-        window = self._stream_window
-        wanted = self._consumed.get(stream.stream_id, 0) + window
+        sid = stream.stream_id
+        consumed = self._consumed.get(sid, 0)
+        initial = self._initial_window
+        room = self._credit_budget - (self.extra_credit_total - self._extra_credit.get(sid, 0))
+        window = max(initial, min(self._stream_window, initial + room))
+        wanted = consumed + window
         # Batch the updates: a new limit only once a quarter of the window has been read.
         if wanted - stream.max_stream_data_local >= window // 4:
             stream.max_stream_data_local = wanted
+            self._set_extra_credit(sid, wanted - consumed - initial)
         if stream.max_stream_data_local_sent != stream.max_stream_data_local:
             buf = builder.start_frame(QuicFrameType.MAX_STREAM_DATA, capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
                                       handler=self._on_max_stream_data_delivery, handler_args=(stream,))
@@ -912,13 +943,25 @@ class NullCryptoQuicConnection(QuicConnection):
 
     def consume(self, stream_id: int, nbytes: int) -> None:
         """The application read `nbytes` more of a stream: credit the peer with as much again."""
-        self._consumed[stream_id] = self._consumed.get(stream_id, 0) + nbytes
+        consumed = self._consumed[stream_id] = self._consumed.get(stream_id, 0) + nbytes
         stream = self._streams.get(stream_id)
         if stream is not None:
+            if stream_id in self._extra_credit:
+                extra = stream.max_stream_data_local - consumed - self._initial_window
+                self._set_extra_credit(stream_id, extra)
             self._limits_due.add(stream)
 
     def forget_stream(self, stream_id: int) -> None:
         self._consumed.pop(stream_id, None)
+        self.extra_credit_total -= self._extra_credit.pop(stream_id, 0)
+
+    def _set_extra_credit(self, stream_id: int, extra: int) -> None:
+        extra = max(0, extra)
+        self.extra_credit_total += extra - self._extra_credit.get(stream_id, 0)
+        if extra:
+            self._extra_credit[stream_id] = extra
+        else:
+            self._extra_credit.pop(stream_id, None)
 
     def unsent_bytes(self, stream_id: int) -> int:
         """Bytes written to a stream that were never sent (retransmissions not counted)."""
