@@ -21,6 +21,7 @@ from pytier.fec import (
     FecParams,
     FrameKind,
     LossSample,
+    choose,
     parse_frame,
     residual_loss,
 )
@@ -345,3 +346,16 @@ def test_residual_model_matches_the_channel() -> None:
     predicted = residual_loss(params, 0.05, 1 / 0.95)
     delivery, _ = _simulate(params, _bernoulli(0.05, random.Random(3)), 30_000, random.Random(4))
     assert abs((1 - delivery) - predicted) < 0.6 * predicted + 0.001
+
+
+def test_choose_spends_the_budget_on_an_uncertain_estimate_and_never_more() -> None:
+    # 10 % loss in runs of 13 read from 4 runs (a first estimate on a bursty path): the margin for
+    # its error does not fit within 35 %, so the shape takes all of it, interleaved against the
+    # runs; the same figures taken as exact need more than the budget and get it.
+    unsure = choose(0.10, 13.0, max_block=260, runs=4)
+    assert 0.30 <= unsure.overhead <= 0.35 and unsure.depth * unsure.m >= 13, unsure
+    exact = choose(0.10, 13.0, max_block=260)
+    assert exact.overhead > 0.35 and residual_loss(exact, 0.10, 13.0) <= ControllerConfig().target_residual
+    # A precise estimate of a mild loss gets a cheap shape, with its margin.
+    mild = choose(0.02, 4.0, max_block=260, runs=1000)
+    assert mild.overhead <= 0.2 and residual_loss(mild, 0.0216, 4.2) <= ControllerConfig().target_residual

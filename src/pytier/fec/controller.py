@@ -188,9 +188,10 @@ def choose(
     0. the cheapest within max_overhead that meets the target at p and burst raised by
        config.confidence standard errors (`bounds`);
     1. if the margin does not fit but the target is met within max_overhead at the lowered figures:
-       all of max_overhead, in the shape that loses least at the raised figures (`_magnitude`).
-       The margin for an uncertain estimate takes what the budget allows, and only a loss that
-       needs more than the budget even on its optimistic reading takes the overhead past it:
+       all of max_overhead, in the shape that loses least at the raised figures, then at the
+       measured ones (`_magnitude`). The margin for an uncertain estimate takes what the budget
+       allows, and only a loss that needs more than the budget even on its optimistic reading
+       takes the overhead past it:
     2. the cheapest up to hard_max_overhead meeting the target at the measured figures;
     3. the shape losing least at the measured figures.
 
@@ -219,7 +220,8 @@ def choose(
             if m_hi and m_hi <= m_budget:
                 m, rank = m_hi, (0, m_hi / k, k * depth, depth)
             elif m_budget and 0 < _least_m(_residuals(p_lo, b_lo, k, depth, m_budget), target) <= m_budget:
-                m, rank = m_budget, (1, _magnitude(res_hi[m_budget - 1]), k * depth, depth)
+                m = m_budget
+                rank = (1, _magnitude(res_hi[m - 1]), _magnitude(res[m - 1]), k * depth, depth)
             elif m_lo := _least_m(res, target):
                 m, rank = m_lo, (2, m_lo / k, k * depth, depth)
             else:
