@@ -20,6 +20,7 @@ import resource
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 from typing import Any
@@ -39,7 +40,19 @@ from pytier.wire.tcp import TcpFlags, TcpRepr
 log = logging.getLogger("pytier.proxy")
 
 DST_CONNECT_TIMEOUT_S = 10.0
+# A stream opened for a client whose SYN then never reached the listener (the client gave up, or
+# its SYNs kept being lost) is reset after this long; a later SYN of that client opens a new one.
+# Without it each such connection held its stream and row on both nodes for as long as they ran.
+READY_ACCEPT_TIMEOUT_S = 30.0
+# Clients' SYNs let through to the kernel listener and not accepted yet, at most; the streams opened
+# for more clients than that wait, their SYNs held. 5,000 connections opened at once overflowed the
+# listener's queues (half of them then never got through: SYN cookies, dropped ACKs, the clients'
+# backed-off retransmissions), and every one of those handshakes crosses TUN twice.
+MAX_UNACCEPTED = 256
 LISTEN_BACKLOG = 1024
+KEEPALIVE_IDLE_S = 60
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_COUNT = 3
 PLAIN_FLOW_IDLE_S = 120.0
 _TCP = 6
 _SYN = 0x02
@@ -93,7 +106,11 @@ class ProxyService:
         self._listener: asyncio.Server | None = None
         self._listener_port = b""
         self._pending: set[tuple[bytes, int]] = set()
-        self._ready: dict[tuple[bytes, int], tuple[ProxyStream, int]] = {}
+        # Streams opened for a client, until the listener accepts it: (stream, row, opened at).
+        self._ready: dict[tuple[bytes, int], tuple[ProxyStream, int, float]] = {}
+        # Streams opened while MAX_UNACCEPTED SYNs were out: (client's SYN, key, stream, row); their
+        # keys stay in _pending, so a retransmitted SYN is not taken for a new connection.
+        self._held: deque[tuple[bytes, tuple[bytes, int], ProxyStream, int]] = deque()
         self._plain: dict[bytes, _PlainFlow] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._use_userspace = userspace
@@ -139,9 +156,12 @@ class ProxyService:
             # The local clients' sockets were reset above; their RSTs still have to come out of
             # TUN and through the hairpin before the device goes.
             await asyncio.sleep(0.05)
-        for stream, _key in self._ready.values():
+        for stream, _key, _at in self._ready.values():
             stream.abort()
         self._ready.clear()
+        for _syn, _client, stream, _key in self._held:
+            stream.abort()
+        self._held.clear()
         # Resetting every stream now tells the other nodes at once, rather than after their timeouts.
         for transport in {id(t): t for t in (*self._outbound, *self._inbound)}.values():
             await transport.close()
@@ -162,6 +182,18 @@ class ProxyService:
                     del self._plain[key]
             if self.nat is not None:
                 self.nat.expire(now)
+            self._expire_ready(now)
+
+    def _expire_ready(self, now: float) -> None:
+        for key, (stream, entry_key, at) in list(self._ready.items()):
+            if now - at > READY_ACCEPT_TIMEOUT_S:
+                del self._ready[key]
+                stream.abort()
+                self.entries.close(entry_key)
+                entry = self.entries.get(entry_key)
+                log.info("proxy %s -> %s over %s: the client never reached the listener; reset",
+                         entry.src, entry.dst, entry.transport.name)
+        self._release_held()
 
     # ---- source side: packets read from TUN -------------------------------------------------
 
@@ -271,9 +303,22 @@ class ProxyService:
         except asyncio.CancelledError:
             self._pending.discard(key)
             raise
-        self._pending.discard(key)
         entry.stats = stream.stats
-        self._ready[key] = (stream, entry_key)
+        if len(self._ready) >= MAX_UNACCEPTED:
+            self._held.append((syn, key, stream, entry_key))
+            return
+        self._pending.discard(key)
+        self._release(syn, key, stream, entry_key)
+
+    def _release_held(self) -> None:
+        while self._held and len(self._ready) < MAX_UNACCEPTED:
+            syn, key, stream, entry_key = self._held.popleft()
+            self._pending.discard(key)
+            self._release(syn, key, stream, entry_key)
+
+    def _release(self, syn: bytes, key: tuple[bytes, int], stream: ProxyStream, entry_key: int) -> None:
+        """Let the client's SYN through to the listener; its stream waits in _ready for the accept."""
+        self._ready[key] = (stream, entry_key, time.monotonic())
         assert self.nat is not None
         try:
             out = self.nat.intercept_syn(syn, time.monotonic())
@@ -297,14 +342,15 @@ class ProxyService:
         peer_addr = writer.get_extra_info("peername")
         client = nat.client_of(peer_addr) if nat is not None and peer_addr else None
         ready = self._ready.pop((client[0].packed, client[1]), None) if client is not None else None
+        if self._held:
+            self._release_held()
         if ready is None or nat is None or client is None:
             writer.close()
             return
-        stream, entry_key = ready
+        stream, entry_key, _at = ready
         nat.original_destination(peer_addr)
         entry = self.entries.get(entry_key)
-        with contextlib.suppress(OSError):
-            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _tune_socket(writer)
         log.info("proxy %s -> %s over %s: connected", entry.src, entry.dst, entry.transport.name)
         try:
             await pipe(reader, writer, stream, entry, outbound=True)
@@ -428,8 +474,7 @@ class ProxyService:
             return
         stream = incoming.accept()
         entry.stats = stream.stats
-        with contextlib.suppress(OSError):
-            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _tune_socket(writer)
         try:
             await pipe(reader, writer, stream, entry, outbound=False)
         finally:
@@ -448,6 +493,22 @@ class ProxyService:
 
     def rows(self) -> list[dict[str, Any]]:
         return self.entries.rows()
+
+
+def _tune_socket(writer: asyncio.StreamWriter) -> None:
+    """No Nagle delay, and keep-alive probes: a local side that vanished without a word (its RST lost
+    in a TUN queue that overflowed, a host gone) is found within KEEPALIVE_IDLE_S + KEEPALIVE_COUNT x
+    KEEPALIVE_INTERVAL_S instead of holding its pipe, row and stream on both nodes for as long as they
+    run (the transport's own keep-alive keeps the stream up)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
 def _raise_open_files_limit() -> None:
