@@ -619,3 +619,32 @@ def test_data_that_is_never_acknowledged_ends_the_conversation() -> None:
     pair.run(1.0)
     assert [e.reason for e in pair.b.of(ConnectionClosed)] == [CloseReason.RESET]
     assert pair.b.ep.handles() == [] and hb not in pair.b.data
+
+
+def test_timer_work_follows_the_conversations_due_not_all_of_them() -> None:
+    # 2,000 idle conversations and one moving data: in a second of virtual time the endpoint's timer
+    # visits only the conversations whose timers are due (the busy one's flushes), not every
+    # conversation at every tick. Counted by wrapping the endpoint's per-conversation timer step.
+    idle = 2000
+    pair = Pair(KcpConfig(keepalive_s=10.0))
+    for i in range(idle):
+        pair.a.ep.connect(2, CONN_DATA + i.to_bytes(2, "big"), pair.now)
+    pair.run(3.0, stop=partial(connected_count_is, pair.a, idle))
+    assert len(pair.a.of(Connected)) == idle
+    pair.run(1.0)  # the handshakes' last packets settle
+    busy = pair.a.ep.connect(2, CONN_DATA + b"busy", pair.now)
+    pair.run(1.0, stop=partial(connected_count_is, pair.a, idle + 1))
+    visits: list[int] = []
+    for side in (pair.a, pair.b):
+        step = side.ep._on_timer
+
+        def counted(stream: object, now: float, ms: int, step: Callable[..., None] = step) -> None:
+            visits.append(1)
+            step(stream, now, ms)
+
+        side.ep._on_timer = counted  # type: ignore[method-assign]
+    pair.a.ep.send(busy, b"x" * 2_000_000)
+    pair.run(1.0)
+    got = sum(len(d) for d in pair.b.data.values())
+    assert got > 100_000  # the busy conversation moved data all along
+    assert 0 < len(visits) < idle // 4
