@@ -239,14 +239,21 @@ def bulk_goodput(
 def test_no_needless_resends_at_20_percent_loss(tick_s: float) -> None:
     # A fifth of B's ACK packets are lost, and (with the 0.1 ms step) A flushes several times per
     # millisecond, one ACK packet after another: neither may make A send again what arrived.
-    t = Transfer(LinkParams(loss=0.2), seed=2)
-    flow = Flow(up=bytes(200_000_000), down=b"")
-    t.open(flow, 40002)
-    t.run(2.0, tick_s=tick_s)
-    a, b = t.a.stats(flow.handle_a), t.b.stats(flow.handle_b)
-    assert int(b["duplicates_in"]) < 0.02 * int(b["segments_in"])
+    # Summed over three seeds: one seed's share of duplicates swings between 0.7% and 2.4%.
+    duplicates = segments_in = retransmits = segments_sent = 0
+    for seed in (1, 2, 3):
+        t = Transfer(LinkParams(loss=0.2), seed=seed)
+        flow = Flow(up=bytes(200_000_000), down=b"")
+        t.open(flow, 40002)
+        t.run(2.0, tick_s=tick_s)
+        a, b = t.a.stats(flow.handle_a), t.b.stats(flow.handle_b)
+        duplicates += int(b["duplicates_in"])
+        segments_in += int(b["segments_in"])
+        retransmits += int(a["retransmits"])
+        segments_sent += int(a["segments_sent"])
+    assert duplicates < 0.02 * segments_in
     # 20% of the segments are lost, and 20% of their resends: 0.25 resends per segment.
-    assert int(a["retransmits"]) < 0.3 * int(a["segments_sent"])
+    assert retransmits < 0.3 * segments_sent
 
 
 def test_random_writes_arrive_intact_through_10_percent_loss() -> None:

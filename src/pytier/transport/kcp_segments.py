@@ -62,3 +62,39 @@ def count_pushes(body: bytes, conv: int) -> int:
 
 def ack_segment(conv: int, wnd: int, ts: int, sn: int, una: int) -> bytes:
     return SEGMENT.pack(conv, CMD_ACK, 0, wnd & 0xFFFF, ts & MASK32, sn & MASK32, una & MASK32, 0)
+
+
+def split_resends(body: bytes, conv: int, snd_nxt: int) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """ikcp's output body without its resends (data segments below `snd_nxt`, the first new one
+    before the flush), and the resends as (sn, segment bytes), in order."""
+    size = len(body)
+    off = 0
+    unpack = _READ.unpack_from
+    kept: list[bytes] = []
+    resends: list[tuple[int, bytes]] = []
+    keep_from = 0
+    while size - off >= HEADER_LEN:
+        seg_conv, cmd, _ts, sn, length = unpack(body, off)
+        end = off + HEADER_LEN + length
+        if seg_conv != conv or end > size:
+            break
+        if cmd == CMD_PUSH and (sn - snd_nxt) & MASK32 >= 0x80000000:
+            kept.append(body[keep_from:off])
+            resends.append((sn, body[off:end]))
+            keep_from = end
+        off = end
+    if not resends:
+        return body, resends
+    kept.append(body[keep_from:])
+    return b"".join(kept), resends
+
+
+_FIELDS = struct.Struct("<HIII")  # wnd, ts, sn, una: at offset 6 of a segment
+
+
+def restamp(segment: bytes, wnd: int, ts: int, una: int) -> bytes:
+    """`segment` with the window, timestamp and una of a transmission now, the rest unchanged."""
+    out = bytearray(segment)
+    _wnd, _ts, sn, _una = _FIELDS.unpack_from(out, 6)
+    _FIELDS.pack_into(out, 6, wnd & 0xFFFF, ts & MASK32, sn, una & MASK32)
+    return bytes(out)

@@ -33,6 +33,14 @@ Pitfalls of ikcp/siokcp handled here:
   spurious (the Eifel test), and the threshold rises above the number of later segments
   acknowledged by then. It never comes down: a path that reorders keeps doing so,
   and a real loss still ends in a timeout resend.
+* ikcp resends whatever its timers or fast-resend rule pick at every flush, outside any window:
+  over a policer or an outage that is a flood (in the link model, a 10 s blackout cost 148 MB
+  with 0.5 MB in flight when it began). Each flush therefore runs ikcp twice, first with no window for new data (ACKs, probes
+  and resends), then for new data; the resends are taken out of ikcp's output and sent within
+  the pacer's budget (kcp_pacer), oldest first, the rest held for later flushes. ikcp counts a
+  held copy as sent when it made it: the copy is restamped when it leaves (or its RTT sample
+  would include the wait), and ikcp's next resend of it is dropped if it comes sooner after the
+  copy left than the copy had waited.
 * ikcp is driven by `flush` only (after input, after writes, and at `next_timer_ms`), never by
   `ikcp_update`'s own 10 ms grid, so ACKs leave as soon as the owner sends its datagrams.
 """
@@ -45,7 +53,16 @@ from siokcp import KCPConnection
 
 from pytier.transport.kcp_config import KcpConfig
 from pytier.transport.kcp_pacer import FlowPacer, PathRate
-from pytier.transport.kcp_segments import HEADER_LEN, ack_segment, acks, count_pushes, pushes
+from pytier.transport.kcp_segments import (
+    HEADER_LEN,
+    SEGMENT,
+    ack_segment,
+    acks,
+    count_pushes,
+    pushes,
+    restamp,
+    split_resends,
+)
 
 IKCP_ASK_SEND = 1  # probe flag: send a window probe (WASK)
 IKCP_ASK_TELL = 2  # probe flag: tell the remote our window (WINS)
@@ -101,9 +118,11 @@ class KcpSession:
         "_config",
         "_echo_at_ms",
         "_echoes_left",
+        "_held",
         "_interval_ms",
         "_kcp",
         "_last_flush_ms",
+        "_late",
         "_mss",
         "_out",
         "_pacer",
@@ -123,6 +142,7 @@ class KcpSession:
         "kcp_alive",
         "packets_in",
         "packets_out",
+        "resends_unsent",
         "retransmits",
         "segments_in",
         "segments_sent",
@@ -196,6 +216,16 @@ class KcpSession:
         self._ack_repeats: list[tuple[int, int, int]] = []  # (sn, ts, repeats left)
         self._resent: dict[int, int] = {}  # sn -> ikcp timestamp of its first resend
         self.spurious_resends = 0  # resends of segments an earlier copy of which arrived
+        # Resends ikcp made beyond the pacer's budget, sent at later flushes: sn -> (segment, when
+        # ikcp made it). ikcp counts them as sent already, and a later resend of the same segment
+        # replaces the copy.
+        self._held: dict[int, tuple[bytes, int]] = {}
+        # sn -> (when its last copy left, how long it had waited). ikcp started its timers, and
+        # dates the segment for its fast-resend test, when it made the copy: a resend of it that
+        # comes within that wait (and an RTO) of the copy leaving is early, and is dropped (at
+        # 200 ms RTT after start-up's overshoot, 1,000 duplicates otherwise).
+        self._late: dict[int, tuple[int, int]] = {}
+        self.resends_unsent = 0  # resends ikcp made that never left: acknowledged, replaced or early
 
     # --- data in ------------------------------------------------------------------------------
 
@@ -213,9 +243,14 @@ class KcpSession:
         self.packets_in += 1
         self.bytes_in += len(body)
         rcv_nxt, nrcv_buf = kcp.rcv_nxt, kcp.nrcv_buf
-        resent = self._resent
-        if resent:
-            self._eifel(kcp, body)
+        resent, held = self._resent, self._held
+        found = acks(body, self.conv) if resent or held else []
+        if resent and found:
+            self._eifel(kcp, found)
+        for sn, _ in found if held or self._late else ():
+            if held.pop(sn, None) is not None:
+                self.resends_unsent += 1
+            self._late.pop(sn, None)
         data = pushes(body, self.conv)
         ok = kcp.receive_data(body) >= 0
         # Resends whose own ACK was lost but that una now covers: nothing more can show them spurious,
@@ -226,6 +261,8 @@ class KcpSession:
                 del resent[next(iter(resent))]
             if not resent:
                 self._resent = {}  # a dict keeps its table when emptied; an idle connection need not
+        if held or self._late:
+            self._drop_held_below(una)
         if kcp.rcv_nxt != rcv_nxt or kcp.nrcv_buf != nrcv_buf:
             self._echo_at_ms = now_ms + ECHO_DELAY_INTERVALS * self._interval_ms
             self._echoes_left = ECHOES
@@ -241,10 +278,20 @@ class KcpSession:
                 self._ack_fresh.extend((sn, ts) for sn, ts in data if (sn - low) & MASK32 < span)
         return bool(ok)
 
-    def _eifel(self, kcp: KCPConnection, body: bytes | memoryview) -> None:
-        found = acks(body, self.conv)
-        if not found:
-            return
+    def _drop_held_below(self, una: int) -> None:
+        held = self._held
+        for sn in [sn for sn in held if (sn - una) & MASK32 >= 0x80000000]:
+            del held[sn]
+            self.resends_unsent += 1
+        if not held:
+            self._held = {}
+        late = self._late
+        for sn in [sn for sn in late if (sn - una) & MASK32 >= 0x80000000]:
+            del late[sn]
+        if not late:
+            self._late = {}
+
+    def _eifel(self, kcp: KCPConnection, found: list[tuple[int, int]]) -> None:
         resent = self._resent
         highest = kcp.snd_una
         for sn, _ in found:
@@ -356,7 +403,7 @@ class KcpSession:
         return due
 
     def flush(self, now_ms: int) -> list[bytes]:
-        """Run ikcp's flush (ACKs, window probes, new data within pacing, retransmissions)."""
+        """Run ikcp's flush (ACKs, window probes, new data and retransmissions within pacing)."""
         kcp = self._kcp
         if kcp is None:
             return []
@@ -365,29 +412,42 @@ class KcpSession:
         self._repair_windows(kcp, now_ms)
         pacer = self._pacer
         snd_nxt = kcp.snd_nxt
-        if pacer is not None:
+        out = self._out
+        conv = self.conv
+        if pacer is None:
+            kcp.flush()
+            if out and sum(count_pushes(body, conv) for body in out) > (kcp.snd_nxt - snd_nxt) & MASK32:
+                self._hold_resends(out, snd_nxt, now_ms)
+            self._send_held(out, None, now_ms)
+        else:
             nsnd_buf = kcp.nsnd_buf
             span = (snd_nxt - kcp.snd_una) & MASK32
             eligible = kcp.nsnd_que > 0 and span < min(kcp.snd_wnd, kcp.rmt_wnd)
-            allowed = pacer.allowance(
+            budget = pacer.allowance(
                 now_ms, (snd_nxt - nsnd_buf) & MASK32, nsnd_buf, self._srtt_ms(kcp), eligible
             )
-            kcp.cwnd = span + allowed
-        kcp.flush()
-        new_segments = (kcp.snd_nxt - snd_nxt) & MASK32
-        self.segments_sent += new_segments
+            # Two flushes: the first one ACKs, probes and resends (no window for new data), the
+            # second one new data with what the resends left of the budget. Resends go first:
+            # they hold back una, and with it the window; and ikcp dates a resend from the flush
+            # that made it, so new data sent before it would have its ACKs fast-resend it again.
+            kcp.cwnd = span
+            kcp.flush()
+            if out:
+                self._hold_resends(out, snd_nxt, now_ms)
+            resent = len(self._send_held(out, budget + pacer.overdraft(now_ms), now_ms))
+            allowed = budget - resent
+            room = pacer.room(now_ms)
+            if room is not None:
+                allowed = min(allowed, room)
+            if allowed > 0 and not self._held and kcp.nsnd_que > 0:
+                kcp.cwnd = span + allowed
+                kcp.flush()
+            pacer.on_flushed(resent + ((kcp.snd_nxt - snd_nxt) & MASK32), resent)
+        self.segments_sent += (kcp.snd_nxt - snd_nxt) & MASK32
         if kcp.rcv_wnd - kcp.nrcv_que < kcp.rcv_wnd // 4:
             self._window_was_low = True
-        out = self._out
         if not out:
             return []
-        conv = self.conv
-        resends = sum(count_pushes(body, conv) for body in out) - new_segments
-        if resends > 0:
-            self.retransmits += resends
-            self._note_resends(out, snd_nxt)
-        if pacer is not None:
-            pacer.on_flushed(new_segments)
         self._repeat_acks(kcp, out)
         bodies = out[:]
         out.clear()
@@ -395,13 +455,71 @@ class KcpSession:
         self.bytes_out += sum(map(len, bodies))
         return bodies
 
-    def _note_resends(self, out: list[bytes], snd_nxt: int) -> None:
-        resent = self._resent
+    def _hold_resends(self, out: list[bytes], snd_nxt: int, now_ms: int) -> None:
+        """Take the resends out of ikcp's output into `_held`."""
+        held, late = self._held, self._late
         conv = self.conv
+        kept: list[bytes] = []
+        rto_ms = self._rto_ms()
         for body in out:
-            for sn, ts in pushes(body, conv):
-                if (sn - snd_nxt) & MASK32 >= 0x80000000 and sn not in resent:
-                    resent[sn] = ts
+            rest, resends = split_resends(body, conv, snd_nxt)
+            for sn, segment in resends:
+                waiting = held.get(sn)
+                if waiting is not None:
+                    self.resends_unsent += 1
+                    held[sn] = (segment, waiting[1])
+                    continue
+                previous = late.pop(sn, None)
+                if previous is not None and now_ms - previous[0] < min(previous[1], rto_ms):
+                    self.resends_unsent += 1
+                    late[sn] = previous
+                    continue
+                held[sn] = (segment, now_ms)
+            if rest:
+                kept.append(rest)
+        out[:] = kept
+
+    def _send_held(self, out: list[bytes], budget: int | None, now_ms: int) -> list[tuple[int, bytes]]:
+        """Add up to `budget` (all when None) of the held resends, oldest first, to the output."""
+        held = self._held
+        if not held or (budget is not None and budget <= 0):
+            return []
+        due = list(held) if budget is None or budget >= len(held) else list(held)[:budget]
+        late = self._late
+        sent: list[tuple[int, bytes]] = []
+        mtu = self._config.mtu
+        kcp = self._kcp
+        assert kcp is not None
+        # A copy that waited says when it really left, or its ACK would give an RTT sample that
+        # includes the wait (seconds after an outage).
+        ts = kcp.current
+        una = kcp.rcv_nxt
+        wnd = kcp.rcv_wnd - kcp.nrcv_que if kcp.nrcv_que < kcp.rcv_wnd else 0
+        for sn in due:
+            segment, made_ms = held.pop(sn)
+            if made_ms < now_ms:
+                late[sn] = (now_ms, now_ms - made_ms)
+                segment = restamp(segment, wnd, ts, una)
+            else:
+                late.pop(sn, None)
+            sent.append((sn, segment))
+            if out and len(out[-1]) + len(segment) <= mtu:
+                out[-1] += segment
+            else:
+                out.append(segment)
+        if not held:
+            self._held = {}
+        while len(late) > RESENDS_REMEMBERED:
+            del late[next(iter(late))]
+        self.retransmits += len(sent)
+        self._note_resends(sent)
+        return sent
+
+    def _note_resends(self, sent: list[tuple[int, bytes]]) -> None:
+        resent = self._resent
+        for sn, segment in sent:
+            if sn not in resent:
+                resent[sn] = SEGMENT.unpack_from(segment)[4]
         while len(resent) > RESENDS_REMEMBERED:
             del resent[next(iter(resent))]
 
@@ -414,6 +532,10 @@ class KcpSession:
         elif next_flush and self._clock_seq < TICKS_PER_MS - 1:
             self._clock_seq += 1
         return (now_ms * TICKS_PER_MS + self._clock_seq) & MASK32
+
+    def _rto_ms(self) -> int:
+        kcp = self._kcp
+        return 0 if kcp is None else int(kcp.rx_rto) // TICKS_PER_MS
 
     @staticmethod
     def _srtt_ms(kcp: KCPConnection) -> int:
@@ -510,6 +632,8 @@ class KcpSession:
             "segments_in": self.segments_in,
             "duplicates_in": self.duplicates_in,
             "spurious_resends": self.spurious_resends,
+            "resends_unsent": self.resends_unsent,
+            "resends_waiting": len(self._held),
         }
         if kcp is not None:
             figures.update(
@@ -526,6 +650,7 @@ class KcpSession:
             path = self._pacer.path
             figures.update(
                 pacer_mode=path.mode.value,
+                path_base_loss=round(path.base_loss, 4),
                 path_delivery_rate_bps=round(path.btlbw * 1000 * self._mss * 8),
                 min_rtt_ms=path.min_rtt_ms,
             )
