@@ -115,6 +115,9 @@ class _Conn:
     created: float
     last_sent: float
     streams: dict[int, _Stream] = field(default_factory=dict)
+    # The incoming streams still waiting for their connect header, the only ones with a deadline:
+    # the timer looks at these, not at every stream (the proxy asks for the timer after every pump).
+    awaiting_header: dict[int, _Stream] = field(default_factory=dict)
     idle_since: float | None = None
     ping_ids: itertools.count[int] = field(default_factory=itertools.count)
     probe_copies: int = 0  # times the next datagram goes out: a probe timeout's (see handle_timer)
@@ -289,6 +292,7 @@ class QuicEndpoint:
         conn = stream.conn
         self._keep_final_stats(stream)
         conn.streams.pop(stream.stream_id, None)
+        conn.awaiting_header.pop(stream.stream_id, None)
         conn.quic.forget_stream(stream.stream_id)
         if conn.quic.stream_known(stream.stream_id):
             conn.done_ids.add(stream.stream_id)
@@ -337,6 +341,7 @@ class QuicEndpoint:
             for stream in list(conn.streams.values()):
                 self._streams.pop(stream.handle, None)
             conn.streams.clear()
+            conn.awaiting_header.clear()
 
     # ---- output and time ------------------------------------------------------------------------
 
@@ -375,9 +380,8 @@ class QuicEndpoint:
                 candidates.append(conn.created + s.connect_timeout_s)
             if conn.idle_since is not None and conn.is_client:
                 candidates.append(conn.idle_since + s.conn_cache_idle_s)
-            for stream in conn.streams.values():
-                if stream.header_deadline is not None:
-                    candidates.append(stream.header_deadline)
+            for stream in conn.awaiting_header.values():
+                candidates.append(stream.header_deadline)
             for t in candidates:
                 if t is not None and (when is None or t < when):
                     when = t
@@ -411,7 +415,7 @@ class QuicEndpoint:
                 continue
             if quic.handshake_complete and now >= conn.last_sent + s.keepalive_s:
                 quic.send_ping(next(conn.ping_ids))
-            for stream in list(conn.streams.values()):
+            for stream in list(conn.awaiting_header.values()):
                 if stream.header_deadline is not None and now >= stream.header_deadline:
                     self.abort(stream.handle)
             if conn.done_ids:
@@ -457,6 +461,7 @@ class QuicEndpoint:
             stream = _Stream(handle, conn, stream_id, outgoing=False,
                              header_deadline=now + self.settings.header_timeout_s)
             conn.streams[stream_id] = stream
+            conn.awaiting_header[stream_id] = stream
             conn.idle_since = None
             self._streams[handle] = stream
         if fin:
@@ -473,6 +478,7 @@ class QuicEndpoint:
                     rest = bytes(stream.header[2 + need:])
                     stream.header = bytearray()
                     stream.header_deadline = None
+                    del conn.awaiting_header[stream_id]
                     stream.announced = True
                     conn.quic.consume(stream_id, 2 + need)
                     if rest:
@@ -510,3 +516,4 @@ class QuicEndpoint:
             if self._streams.pop(stream.handle, None) is not None and (stream.outgoing or stream.announced):
                 self._events.append(StreamClosed(stream.handle, reason, stream.opened))
         conn.streams.clear()
+        conn.awaiting_header.clear()
