@@ -73,6 +73,7 @@ class EntryTable:
         self._next = 0
         self._clock = clock
         self._purge_at = PURGE_MIN
+        self.closed_total = 0  # rows closed since the table was made
         # Told each row as it leaves the table, so that totals over all connections (the metrics) can
         # keep what it carried.
         self.on_retire: Callable[[dict[str, Any]], None] | None = None
@@ -81,7 +82,7 @@ class EntryTable:
         # Closed rows also go here, not only when someone lists them: a node nobody queries would
         # otherwise keep a row for every connection it ever proxied.
         if len(self._entries) >= self._purge_at:
-            self._purge()
+            self.purge()
             self._purge_at = max(PURGE_MIN, 2 * len(self._entries))
         self._next += 1
         self._entries[self._next] = entry
@@ -95,8 +96,10 @@ class EntryTable:
         if entry is not None and entry.closed_at is None:
             entry.state = EntryState.Closed
             entry.closed_at = self._clock()
+            self.closed_total += 1
 
-    def _purge(self) -> None:
+    def purge(self) -> None:
+        """Drop the closed rows past their linger."""
         now = self._clock()
         for key in [k for k, e in self._entries.items()
                     if e.closed_at is not None and now - e.closed_at > CLOSED_ROW_LINGER_S]:
@@ -105,7 +108,7 @@ class EntryTable:
                 self.on_retire(entry.row())
 
     def rows(self) -> list[dict[str, Any]]:
-        self._purge()
+        self.purge()
         return [e.row() for e in self._entries.values()]
 
     def __len__(self) -> int:

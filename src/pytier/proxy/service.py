@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import resource
 import socket
@@ -23,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
-from typing import Any
+from typing import Any, cast
 
 from pytier.netstack.events import Endpoint
 from pytier.proxy.choice import AutoChooser, PathMetrics
@@ -50,6 +51,10 @@ READY_ACCEPT_TIMEOUT_S = 30.0
 # backed-off retransmissions), and every one of those handshakes crosses TUN twice.
 MAX_UNACCEPTED = 256
 LISTEN_BACKLOG = 1024
+# Sweeps (5 s each) after the last closed connection during which freed memory is handed back to the
+# system: long enough to come after everything a closed connection leaves for a while (its row, 5 s;
+# KCP's time-wait and the hairpin's closed entry, 10 s).
+TRIM_SWEEPS = 4
 KEEPALIVE_IDLE_S = 60
 KEEPALIVE_INTERVAL_S = 10
 KEEPALIVE_COUNT = 3
@@ -120,6 +125,8 @@ class ProxyService:
         self._netmaps = list(netmaps)
         self._auto_metrics = auto_metrics
         self._auto = AutoChooser()
+        self._closed_seen = 0
+        self._trim_sweeps_left = 0
         for transport in inbound:
             transport.on_incoming = self._on_incoming
 
@@ -183,6 +190,22 @@ class ProxyService:
             if self.nat is not None:
                 self.nat.expire(now)
             self._expire_ready(now)
+            self.entries.purge()
+            self._give_back_memory()
+
+    def _give_back_memory(self) -> None:
+        """After connections closed, return the C library's free pages to the system: glibc keeps
+        what a burst of connections freed (ikcp's buffers, packets, socket buffers copied into Python)
+        in its heaps, so RSS stayed near its peak (10,000 sequential KCP connections: 56.7 -> 79.8
+        MiB) though nothing was left allocated. Costs about a millisecond when there is nothing to
+        give back."""
+        closed = self.entries.closed_total
+        if closed != self._closed_seen:
+            self._closed_seen = closed
+            self._trim_sweeps_left = TRIM_SWEEPS
+        if self._trim_sweeps_left > 0 and _MALLOC_TRIM is not None:
+            self._trim_sweeps_left -= 1
+            _MALLOC_TRIM(0)
 
     def _expire_ready(self, now: float) -> None:
         for key, (stream, entry_key, at) in list(self._ready.items()):
@@ -493,6 +516,20 @@ class ProxyService:
 
     def rows(self) -> list[dict[str, Any]]:
         return self.entries.rows()
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None under another C library."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return cast(Callable[[int], int], trim)
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 def _tune_socket(writer: asyncio.StreamWriter) -> None:
