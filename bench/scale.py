@@ -12,7 +12,7 @@ memory  N connections at once, each moving `--bytes` both ways, then all held op
         held prove the connections were all proxied at once.
 churn   C short connections one after another (connect, 1 KiB each way, close): failures, proxy rows
         left over (pytier-cli -o json proxy, after their 5 s linger), open file descriptors
-        (/proc/PID/fd) and VmRSS of both nodes at the start (after a warm-up of 50 connections) and
+        (/proc/PID/fd) and VmRSS of both nodes at the start (after the warm-up below) and
         at the end; both taken once the rows, KCP's time-wait and the hairpin's closed entries are gone.
 
     sudo .venv/bin/python bench/scale.py                                  # the issue's sizes
@@ -42,7 +42,13 @@ VIP_A, VIP_B = "10.144.144.1", "10.144.144.2"
 PORT = 7100
 PROXY_FLAGS = {"kcp": ["--enable-kcp-proxy"], "quic": ["--enable-quic-proxy"]}
 TRANSPORT = {"kcp": "Kcp", "quic": "Quic"}
-WARMUP = 50
+# The warm-up before any start figure: short connections, so that the tables sized by how many
+# connections are open or lingering at once have grown as churn grows them, and one bulk connection,
+# so that each node's replay filter holds its 64 Ki nonces per peer (~5 MiB per node, filled by
+# packets, not connections). Both are bounded; measured from a cold node they read as growth.
+WARMUP = 2000
+WARMUP_CONCURRENCY = 20
+WARMUP_BULK = 48 << 20  # bytes each way: more than 64 Ki packets either way
 ROWS_GONE_S = 60.0  # closed rows linger 5 s; this is the bound on waiting for them to go
 # After the rows: KCP's time-wait and the hairpin's closed entries (10 s each) and the sweep (5 s).
 SETTLE_S = 16.0
@@ -198,12 +204,17 @@ class MemoryResult:
 
 def start_warmed_up(tb: Testbed, proxy: str, loss: int, logdir: Path, name: str, timeout: float,
                     notes: list[str]) -> Setup:
-    """Start the pair, run WARMUP short connections (the per-node caches fill), and wait until
-    their rows and time-wait entries are gone, so that what is measured next starts from rest."""
+    """Start the pair, run the warm-up (the per-node caches fill), and wait until its rows and
+    time-wait entries are gone, so that what is measured next starts from rest."""
     s = start(tb, proxy, loss, logdir, name)
-    warm = run_client(s, client_argv(WARMUP, 1, 1024, timeout, hold=False, first_id=10**6), timeout * 2, [])
+    warm_argv = client_argv(WARMUP, WARMUP_CONCURRENCY, 1024, timeout, hold=False, first_id=10**6)
+    warm = run_client(s, warm_argv, timeout * 2, [])
     if warm["summary"] != {"complete": WARMUP}:
         notes.append(f"warm-up: {warm['summary']}")
+    bulk_argv = client_argv(1, 1, WARMUP_BULK, timeout, hold=False, first_id=2 * 10**6)
+    bulk = run_client(s, bulk_argv, timeout * 2, [])
+    if bulk["summary"] != {"complete": 1}:
+        notes.append(f"bulk warm-up: {bulk['summary']}")
     s.wait_rows_gone()
     time.sleep(SETTLE_S)
     return s
@@ -352,7 +363,8 @@ def main() -> int:
                 notes.append(f"memory {m.proxy} {m.n}: rows left after close {m.rows_left}")
     if churn:
         print(f"\nChurn: sequential connections (connect, 1 KiB each way, close) at {args.churn_loss}% loss; "
-              f"start figures after a warm-up of {WARMUP}; rows counted after their linger.")
+              f"start figures after a warm-up of {WARMUP} and one of {WARMUP_BULK >> 20} MiB each way; "
+              "rows counted after their linger.")
         print(f"{'proxy':6}{'count':>7}{'failed':>8}{'rows left A/B':>15}{'fds start':>12}{'fds end':>10}"
               f"{'RSS MiB start':>16}{'RSS MiB end':>14}{'conn/s':>8}")
         for c in churn:
