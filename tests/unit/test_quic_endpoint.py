@@ -253,12 +253,12 @@ def test_flow_control_follows_consumption() -> None:
 def test_stats() -> None:
     net = Net()
     ha, _ = connected_stream(net)
-    net.a.send(ha, bytes(100000))
+    net.a.send(ha, bytes(30000))  # within a stream's initial credit: B reads nothing
     net.advance(0.5, step_s=0.01)
     stats = net.a.stats(ha)
     assert set(stats) == {"rtt_ms", "retrans", "segments_sent", "spurious", "bbr_state", "bw_mbit"}
     assert stats["bbr_state"] in ("startup", "drain", "probe_bw", "probe_rtt")
-    assert int(stats["segments_sent"]) >= 100000 // 1380  # type: ignore[call-overload]
+    assert int(stats["segments_sent"]) >= 30000 // 1380  # type: ignore[call-overload]
     net.a.abort(ha)
     final = net.a.take_final_stats(ha)  # what the proxy table shows for the closed row
     assert final is not None and final["segments_sent"] == stats["segments_sent"]

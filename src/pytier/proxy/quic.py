@@ -31,8 +31,13 @@ from pytier.wire.peer_header import PacketType
 
 # Bytes written to a stream and not yet sent before `drain()` waits. What is in flight is bounded by
 # the congestion window and the peer's flow control, so it need not count here: counting it (it
-# includes everything above a hole) capped a long lossy path far below its rate.
+# includes everything above a hole) capped a long lossy path far below its rate. While many streams
+# are open they share SEND_BUDGET instead (never less than WRITE_BUFFER_LOW each): the node's unsent
+# bytes stay within max(budget, N x WRITE_BUFFER_LOW) plus one read per stream, where N x 512 KiB
+# was allowed; the rest waits in the kernel's socket buffers, and TCP's window tells the sender.
 WRITE_BUFFER_HIGH = 512 << 10
+WRITE_BUFFER_LOW = 16 << 10
+SEND_BUDGET = 16 << 20
 SendFn = Callable[[int, int, bytes], object]
 
 
@@ -67,7 +72,7 @@ class QuicStream:
         self._writable.set()
 
     def _check_writable(self) -> None:
-        if self._t.endpoint.unsent(self.handle) < WRITE_BUFFER_HIGH:
+        if self._t.endpoint.unsent(self.handle) < self._t.write_limit():
             self._writable.set()
 
     # ---- ProxyStream --------------------------------------------------------------------------
@@ -93,7 +98,7 @@ class QuicStream:
         self._t.kick()
 
     async def drain(self) -> None:
-        while self._t.endpoint.unsent(self.handle) >= WRITE_BUFFER_HIGH:
+        while self._t.endpoint.unsent(self.handle) >= self._t.write_limit():
             if self._closed_reason is not None:
                 raise ConnectionResetError(f"QUIC stream closed: {self._closed_reason}")
             self._writable.clear()
@@ -169,12 +174,17 @@ class QuicTransport:
         self._send = send
         self.streams: dict[int, QuicStream] = {}
         self.blocked: set[QuicStream] = set()
+        self.send_budget = SEND_BUDGET
         self._opening: dict[int, asyncio.Future[None]] = {}
         self.on_incoming: Callable[[Incoming], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._kick_scheduled = False
         self._loop = asyncio.get_running_loop()
+
+    def write_limit(self) -> int:
+        """Unsent bytes a stream may hold before its writer waits (see SEND_BUDGET)."""
+        return max(WRITE_BUFFER_LOW, min(WRITE_BUFFER_HIGH, self.send_budget // max(1, len(self.streams))))
 
     def accepts(self, dst: RoutePeerInfo, next_hop: RoutePeerInfo | None) -> bool:
         if not dst.feature_flag.quic_input:

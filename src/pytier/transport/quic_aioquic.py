@@ -644,7 +644,10 @@ class NullCryptoQuicConnection(QuicConnection):
         consumed = self._consumed.get(sid, 0)
         initial = self._initial_window
         room = self._credit_budget - (self.extra_credit_total - self._extra_credit.get(sid, 0))
-        window = max(initial, min(self._stream_window, initial + room))
+        # Past the initial window, credit grows by what the stream has read so far, doubling per
+        # round trip of a bulk stream (ahead of BBR's startup), so a stream that read its header only
+        # cannot take the budget.
+        window = max(initial, min(self._stream_window, initial + room, initial + consumed))
         wanted = consumed + window
         # Batch the updates: a new limit only once a quarter of the window has been read.
         if wanted - stream.max_stream_data_local >= window // 4:
