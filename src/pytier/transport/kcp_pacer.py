@@ -23,12 +23,13 @@ all conversations with one peer share the path to it:
 * retransmissions are paced like new data and share its budget: unpaced, they came on top of the
   pacing rate, so a policer's drops turned into resends that were dropped in turn (46% of the frames
   lost at a 30 Mbit/s policer). So that random loss does not pace the flow below the capacity by
-  the loss rate, the rate is divided by (1 - the path's base loss), the share of resends in the
-  least lossy recent rounds: random loss shows in every round, a policer's only in rounds that send
-  above its rate;
-* a round whose resends exceed the base loss by a margin sent faster than the path carries (a
-  policer, or a token bucket that let a probe through and then ran dry): its delivery rate replaces
-  the filter's higher samples at once instead of ten rounds later;
+  the loss rate, the rate is divided by (1 - the path's base loss), the mean share of resends in the
+  less lossy half of the last ten rounds: random loss shows in every round, a policer's only in
+  rounds that send above its rate;
+* two rounds in a row whose resends exceed the base loss by a margin sent faster than the path
+  carries (a policer, or its token bucket that let a probe through and then ran dry): the second
+  one's delivery rate replaces the filter's higher samples at once instead of ten rounds later
+  (bursty loss puts single rounds over the margin);
 * a path that has delivered nothing for a while with segments in flight is silent (an outage):
   nothing new enters flight, resends go out in short trains with an exponential backoff
   until something is delivered again, and the silent rounds leave the rate estimate alone;
@@ -138,7 +139,7 @@ class PathRate:
         self.delivered = 0  # segments acknowledged, all conversations
         self.flows = 0  # conversations using this path
         self.share_clock = 0.0  # segments one eligible conversation was entitled to since the start
-        self.base_loss = 0.0  # share of transmissions that are resends in the least lossy rounds
+        self.base_loss = 0.0  # share of transmissions that are resends in the less lossy rounds
         self._bw_samples: deque[tuple[int, float]] = deque()
         self._loss_samples: deque[float] = deque()
         self._cycle = 0
@@ -339,7 +340,7 @@ class PathRate:
         losses.append(share)
         if len(losses) > LOSS_ROUNDS:
             losses.popleft()
-        lowest = sorted(losses)[: max(1, len(losses) // 3)]
+        lowest = sorted(losses)[: max(1, len(losses) // 2)]
         self.base_loss = min(MAX_BASE_LOSS, sum(lowest) / len(lowest))
         return over
 

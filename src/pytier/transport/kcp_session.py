@@ -35,12 +35,12 @@ Pitfalls of ikcp/siokcp handled here:
   and a real loss still ends in a timeout resend.
 * ikcp resends whatever its timers or fast-resend rule pick at every flush, outside any window:
   over a policer or an outage that is a flood (in the link model, a 10 s blackout cost 148 MB
-  with 0.5 MB in flight when it began). Each flush therefore runs ikcp twice, first with no window for new data (ACKs, probes
-  and resends), then for new data; the resends are taken out of ikcp's output and sent within
-  the pacer's budget (kcp_pacer), oldest first, the rest held for later flushes. ikcp counts a
-  held copy as sent when it made it: the copy is restamped when it leaves (or its RTT sample
-  would include the wait), and ikcp's next resend of it is dropped if it comes sooner after the
-  copy left than the copy had waited.
+  with 0.5 MB in flight when it began). Each flush therefore runs ikcp twice, first with no
+  window for new data (ACKs, probes and resends), then for new data; the resends are taken out of
+  ikcp's output and sent within the pacer's budget (kcp_pacer), oldest first, the rest held for
+  later flushes. ikcp counts a held copy as sent when it made it: the copy is restamped when it
+  leaves (or its RTT sample would include the wait), and ikcp's next resend of it is dropped if it
+  comes sooner after the copy left than the copy had waited.
 * ikcp is driven by `flush` only (after input, after writes, and at `next_timer_ms`), never by
   `ikcp_update`'s own 10 ms grid, so ACKs leave as soon as the owner sends its datagrams.
 """
