@@ -561,7 +561,6 @@ class NullCryptoQuicConnection(QuicConnection):
         self._ready_set: set[QuicStream] = set()
         self._credit_blocked: set[QuicStream] = set()
         self._limits_due: set[QuicStream] = set()
-        self.stream_visits = 0  # streams the scheduler looked at, over the connection's life
 
     # -- the parts of aioquic replaced ------------------------------------------------------------
 
@@ -811,7 +810,6 @@ class NullCryptoQuicConnection(QuicConnection):
             if _room(builder) < MAX_STREAM_DATA_FRAME_CAPACITY:
                 return  # the rest go in the next packet
             stream = due.pop()
-            self.stream_visits += 1
             if streams.get(stream.stream_id or 0) is stream:
                 self._write_stream_limits(builder, space, stream)
 
@@ -822,7 +820,6 @@ class NullCryptoQuicConnection(QuicConnection):
         discarded = False
         for _ in range(len(ready)):
             stream = ready.popleft()
-            self.stream_visits += 1
             outcome = self._serve(builder, space, stream)
             if outcome is _MORE:
                 ready.append(stream)
@@ -878,7 +875,7 @@ class NullCryptoQuicConnection(QuicConnection):
             self._remote_max_data_used += sent
             if not (len(pending) or sender._pending_eof):
                 return _IDLE
-            if _room(builder) < MIN_FRAME_ROOM:
+            if builder.remaining_flight_space < MIN_FRAME_ROOM:  # flight space <= buffer space
                 return _MORE
 
     def _write_stream(self, builder: QuicPacketBuilder, stream: QuicStream, max_offset: int) -> int | None:
