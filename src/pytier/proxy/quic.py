@@ -40,6 +40,8 @@ WRITE_BUFFER_LOW = 16 << 10
 SEND_BUDGET = 16 << 20
 # A read() joins queued frames up to about this many bytes.
 READ_JOIN = 64 << 10
+# Waiting writers a pump looks at (see QuicTransport._wake_writers).
+WAKE_CHECKS = 64
 SendFn = Callable[[int, int, bytes], object]
 
 
@@ -115,7 +117,7 @@ class QuicStream:
             if self._closed_reason is not None:
                 raise ConnectionResetError(f"QUIC stream closed: {self._closed_reason}")
             self._writable.clear()
-            self._t.blocked.add(self)
+            self._t.block(self)
             await self._writable.wait()
         if self._closed_reason is not None:
             raise ConnectionResetError(f"QUIC stream closed: {self._closed_reason}")
@@ -186,6 +188,8 @@ class QuicTransport:
         self.endpoint = QuicEndpoint(my_peer_id, settings)
         self._send = send
         self.streams: dict[int, QuicStream] = {}
+        # Writers waiting in drain(), in the order the pump looks at them, and the same as a set.
+        self._blocked: deque[QuicStream] = deque()
         self.blocked: set[QuicStream] = set()
         self.send_budget = SEND_BUDGET
         self._opening: dict[int, asyncio.Future[None]] = {}
@@ -256,12 +260,28 @@ class QuicTransport:
         for to_peer, packet_type, payload in ep.datagrams_to_send(now):
             send(to_peer, packet_type, payload)
         self._dispatch_all()
-        if self.blocked:
-            for stream in list(self.blocked):
-                stream._check_writable()
-                if stream._writable.is_set():
-                    self.blocked.discard(stream)
+        if self._blocked:
+            self._wake_writers()
         self._arm()
+
+    def block(self, stream: QuicStream) -> None:
+        if stream not in self.blocked:
+            self.blocked.add(stream)
+            self._blocked.append(stream)
+
+    def _wake_writers(self) -> None:
+        """Look at up to WAKE_CHECKS waiting writers, in turn: with thousands waiting, a pump that
+        looked at each of them would cost more than the datagrams it sends."""
+        queue, waiting = self._blocked, self.blocked
+        for _ in range(min(len(queue), WAKE_CHECKS)):
+            stream = queue.popleft()
+            if stream not in waiting:
+                continue  # closed meanwhile
+            stream._check_writable()
+            if stream._writable.is_set():
+                waiting.discard(stream)
+            else:
+                queue.append(stream)
 
     def _arm(self) -> None:
         when = self.endpoint.get_timer()
