@@ -17,6 +17,14 @@ __all__ = ["LinkConfig", "link_kind"]
 _ALREADY_THERE = frozenset({errno.EEXIST})
 _ALREADY_GONE = frozenset({errno.ESRCH, errno.ENOENT, errno.EADDRNOTAVAIL, errno.ENODEV})
 _RT_SCOPE_NOWHERE = 255  # in a delete request: a route of any scope
+# Packets the kernel queues toward pytier on the TUN device (the kernel's default is 500). Every packet
+# of a kernel-mode proxied connection crosses TUN twice (the NAT hairpin): 5,000 connections opened
+# at once overflowed 500 (a quarter of the packets dropped, SYNs and SYN|ACKs among them, whose
+# retransmissions back off to the clients' connect limit: 965-1,469 of 5,000 never connected;
+# bench/scale.py). 4096 let 4,970 of 5,000 complete and none time out; 16,384 made it far worse (the
+# queue's delay drove the hairpin's TCP into timeouts: 247 complete). A full queue holds at most this
+# many packets of kernel memory, none of pytier's.
+TX_QUEUE_LEN = 4096
 
 
 def link_kind(ifname: str) -> str | None:
@@ -58,8 +66,8 @@ class LinkConfig:
         return tuple(net for net, _ in self._routes)
 
     def set_up(self, mtu: int | None = None) -> None:
-        """Set the MTU (if given) and bring the link up."""
-        kwargs: dict[str, object] = {"index": self.index, "state": "up"}
+        """Set the MTU (if given) and the transmit queue length, and bring the link up."""
+        kwargs: dict[str, object] = {"index": self.index, "state": "up", "txqlen": TX_QUEUE_LEN}
         if mtu is not None:
             kwargs["mtu"] = mtu
         try:
