@@ -91,3 +91,18 @@ def test_destination_node_killed_mid_transfer(testbed: Testbed) -> None:
         assert conn["prefix_ok"] is True and int(conn["received"]) > 0, conn
     assert time.monotonic() - killed_at < HANG_BOUND_S + 5
     wait_for(lambda: nb.cli("proxy") == [], 20, "the source's rows to go")
+
+
+def test_stopping_the_source_node_with_connections_open_logs_no_traceback(testbed: Testbed) -> None:
+    na, nb = pair(testbed, "kcp")
+    start_server(testbed, na.ns)
+    client = testbed.popen(nb.ns, [sys.executable, "-m", "pytier.testbed.tcpload", "client", "--host", VIP_A,
+                                   "--port", str(PORT), "--count", "20", "--concurrency", "20", "--hold"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert client.stdout is not None and client.stdin is not None
+    assert json.loads(client.stdout.readline()) == {"held": 20, "failed": 0}
+    assert nb.stop() == 0
+    client.stdin.write("\n")
+    client.stdin.flush()
+    client.communicate(timeout=30)
+    assert "Traceback" not in nb.log()

@@ -377,6 +377,12 @@ class ProxyService:
         log.info("proxy %s -> %s over %s: connected", entry.src, entry.dst, entry.transport.name)
         try:
             await pipe(reader, writer, stream, entry, outbound=True)
+        except asyncio.CancelledError:
+            # Only close() cancels this task, and pipe() has reset both sides by then. The task is
+            # asyncio's own (the server's client_connected_cb), whose done callback in Python 3.11
+            # asks a cancelled task for its exception: every connection still open when the node
+            # stopped logged a traceback.
+            return
         finally:
             nat.close(client, time.monotonic())
             self.entries.close(entry_key)
