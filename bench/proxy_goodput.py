@@ -188,10 +188,11 @@ def setup_pytier(tb: Testbed, link: Link, kcp: bool, quic: bool = False,
                     name="bench-b").start()
     nb.wait_route(VIP_A, timeout=60)
     assert na.proc is not None and nb.proc is not None
-    # auto proxies over KCP on these paths (40 ms or more round trip: see docs/routing.md).
+    # auto proxies over QUIC on these paths: 40 ms or more round trip, and neither iperf3's port nor
+    # the echo port is an interactive one (docs/routing.md).
     return RowSetup(VIP_A, VIP_A, carrier_a=na.proc.pid if kcp or quic or auto else None,
                     procs={"A": na.proc, "B": nb.proc}, pytier_src=nb, logs=[na.log_path, nb.log_path],
-                    proxy_kind="Quic" if quic else "Kcp")
+                    proxy_kind="Quic" if quic or auto else "Kcp")
 
 
 def setup_easytier(tb: Testbed, link: Link, kcp: bool, quic: bool = False,
