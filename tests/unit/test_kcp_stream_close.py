@@ -1,16 +1,16 @@
 """KcpStream's close after both halves closed: bytes still waiting for KCP's window go before the FIN.
 
-Two real KcpTransports in one event loop, each one's datagrams handed to the other's on_packet."""
+Two real KcpTransports in one event loop (kcp_transport_pair)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 
-from pytier.proxy.kcp import KcpStream, KcpTransport
-from pytier.proxy.transport import Incoming
+from kcp_transport_pair import PEER_B, linked_pair  # tests/unit is on sys.path (prepend import mode)
 
-PEER_A, PEER_B = 11, 22
+from pytier.proxy.kcp import KcpStream
+
 SIZE = 3 << 20  # far more than KCP's send queue takes at once
 
 
@@ -22,26 +22,11 @@ async def _read_all(stream: KcpStream) -> bytes:
 
 
 async def _both_ways_then_close() -> tuple[bytes, bytes, bytes, bytes]:
-    loop = asyncio.get_running_loop()
-    transports: dict[int, KcpTransport] = {}
-
-    def sender(me: int) -> object:
-        def send(to: int, packet_type: int, payload: bytes) -> None:
-            loop.call_soon(transports[to].on_packet, me, packet_type, payload)
-        return send
-
-    a = transports[PEER_A] = KcpTransport(PEER_A, sender(PEER_A))  # type: ignore[arg-type]
-    b = transports[PEER_B] = KcpTransport(PEER_B, sender(PEER_B))  # type: ignore[arg-type]
-    accepted: asyncio.Future[KcpStream] = loop.create_future()
-
-    def on_incoming(incoming: Incoming) -> None:
-        accepted.set_result(incoming.accept())  # type: ignore[arg-type]
-
-    b.on_incoming = on_incoming
+    a, b, accepted = linked_pair()
     # B finishes long before A's bytes are all in KCP, so A closes with most of them still queued.
     data_a, data_b = bytes(range(256)) * (SIZE // 256), bytes(reversed(range(256))) * 4
     sa = await a.open(PEER_B, b"conn")
-    sb = await accepted
+    sb = await accepted.get()
 
     async def side(stream: KcpStream, data: bytes) -> bytes:
         stream.write(data)  # all at once, as a fast TCP reader can; drain would wait, close must not lose

@@ -2,17 +2,17 @@
 open, a stream whose bytes wait for KCP's window still gets them all through, and a stream that ends
 while holding bytes is forgotten.
 
-Two real KcpTransports in one event loop, each one's datagrams handed to the other's on_packet."""
+Two real KcpTransports in one event loop (kcp_transport_pair)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 
-from pytier.proxy.kcp import KcpStream, KcpTransport
-from pytier.proxy.transport import Incoming
+from kcp_transport_pair import PEER_B, linked_pair  # tests/unit is on sys.path (prepend import mode)
 
-PEER_A, PEER_B = 11, 22
+from pytier.proxy.kcp import KcpStream
+
 IDLE = 300
 SIZE = 3 << 20  # far more than KCP's send queue takes at once
 
@@ -27,22 +27,7 @@ async def _read(stream: KcpStream, size: int) -> bytes:
 
 
 async def _scenario() -> tuple[bytes, bytes, list[int], list[int], list[int]]:
-    loop = asyncio.get_running_loop()
-    transports: dict[int, KcpTransport] = {}
-
-    def sender(me: int) -> object:
-        def send(to: int, packet_type: int, payload: bytes) -> None:
-            loop.call_soon(transports[to].on_packet, me, packet_type, payload)
-        return send
-
-    a = transports[PEER_A] = KcpTransport(PEER_A, sender(PEER_A))  # type: ignore[arg-type]
-    b = transports[PEER_B] = KcpTransport(PEER_B, sender(PEER_B))  # type: ignore[arg-type]
-    accepted: asyncio.Queue[KcpStream] = asyncio.Queue()
-
-    def on_incoming(incoming: Incoming) -> None:
-        accepted.put_nowait(incoming.accept())  # type: ignore[arg-type]
-
-    b.on_incoming = on_incoming
+    a, b, accepted = linked_pair()
     idle = [await a.open(PEER_B, f"idle {i}".encode()) for i in range(IDLE)]
     for _ in idle:
         await accepted.get()
