@@ -17,7 +17,7 @@ from test_kcp_link_model import Flow, Transfer  # tests/unit is on sys.path (pyt
 
 from pytier.testbed.link_model import DuplexLink, LinkParams, SansIoNode, run_link
 from pytier.testbed.scenarios import SCENARIOS, Scenario
-from pytier.transport.quic_endpoint import IncomingStream, QuicEndpoint, StreamData
+from pytier.transport.quic_endpoint import IncomingStream, QuicEndpoint, QuicSettings, StreamData
 
 CLIENT, SERVER = 1, 2
 WRITE_AHEAD = 512 << 10  # as the proxy: bytes written ahead and not yet sent
@@ -76,7 +76,8 @@ def run_quic(params: LinkParams, seconds: float, phases: Phases = (), *, seed: i
     """One bulk QUIC stream client -> server (modelled on test_quic_link_model.run_model), keeping
     WRITE_AHEAD bytes written and unsent, with `phases` applied on the way."""
     link: DuplexLink[tuple[int, bytes]] = DuplexLink(params, seed=seed)
-    client, server = QuicEndpoint(CLIENT), QuicEndpoint(SERVER)
+    settings = QuicSettings(bbr_seed=seed)  # the link's seed fixes BBR's random phase too
+    client, server = QuicEndpoint(CLIENT, settings), QuicEndpoint(SERVER, settings)
     handle = client.open(SERVER, b"connect-header", 0.0)
     chunk = bytes(range(256)) * (CHUNK // 256)
     received = 0

@@ -19,7 +19,13 @@ import pytest
 
 from pytier.testbed.link_model import DuplexLink, LinkParams, SansIoNode, run_link
 from pytier.testbed.scenarios import SCENARIOS
-from pytier.transport.quic_endpoint import IncomingStream, QuicEndpoint, StreamData, StreamFinished
+from pytier.transport.quic_endpoint import (
+    IncomingStream,
+    QuicEndpoint,
+    QuicSettings,
+    StreamData,
+    StreamFinished,
+)
 from pytier.wire.peer_header import PacketType
 
 CLIENT, SERVER = 1, 2
@@ -42,7 +48,8 @@ def run_model(loss: float, *, seconds: float = 10.0, seed: int = 1, delay_s: flo
     """One bulk stream client -> server for `seconds` of virtual time (or until `total` bytes)."""
     link: DuplexLink[tuple[int, bytes]] = DuplexLink(
         LinkParams(delay_s=delay_s, rate_bps=rate_bps, queue_s=0.050, loss=loss), seed=seed)
-    client, server = QuicEndpoint(CLIENT), QuicEndpoint(SERVER)
+    settings = QuicSettings(bbr_seed=seed)  # the link's seed fixes BBR's random phase too
+    client, server = QuicEndpoint(CLIENT, settings), QuicEndpoint(SERVER, settings)
     handle = client.open(SERVER, b"connect-header", 0.0)
     sent = 0
     received = 0
@@ -116,7 +123,8 @@ def request_response(params: LinkParams, seed: int, count: int = 100, until: flo
     """Sequential 64-byte requests answered by an echo, as an interactive session; returns how many
     were answered within `until` seconds of virtual time."""
     link: DuplexLink[tuple[int, bytes]] = DuplexLink(params, seed=seed)
-    client, server = QuicEndpoint(CLIENT), QuicEndpoint(SERVER)
+    settings = QuicSettings(bbr_seed=seed)  # the link's seed fixes BBR's random phase too
+    client, server = QuicEndpoint(CLIENT, settings), QuicEndpoint(SERVER, settings)
     handle = client.open(SERVER, b"rr", 0.0)
     st = {"sent": 0, "answered": 0, "waiting": False}
 

@@ -522,6 +522,11 @@ class Bbr:
 
     # ---- the state machine (section names of the draft) -------------------------------------------
 
+    def seed(self, value: int) -> None:
+        """Fix the random start phase of PROBE_BW (reproducible models); each controller otherwise
+        draws its own, so that flows started together do not probe in step."""
+        self._rng = random.Random(value)
+
     def _enter_probe_bw(self, now: float) -> None:
         self.state = BbrState.PROBE_BW
         self.cwnd_gain = CWND_GAIN

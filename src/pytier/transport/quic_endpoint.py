@@ -42,6 +42,8 @@ class QuicSettings:
     # holds back 1.5-2 bandwidth-delay products of received data behind it.
     stream_window: int = 16 << 20
     initial_rtt_s: float = 0.1
+    # BBR draws its first PROBE_BW phase at random; a seed makes a virtual-time model reproducible.
+    bbr_seed: int | None = None
 
 
 # ---- events -------------------------------------------------------------------------------------
@@ -190,9 +192,14 @@ class QuicEndpoint:
                                              initial_rtt_s=self.settings.initial_rtt_s),
             original_destination_connection_id=dcid,
         )
+        self._seed(quic)
         conn = _Conn(peer, False, quic, (str(peer), int(PacketType.QuicSrc)), now, now)
         self._servers[peer] = conn
         return conn
+
+    def _seed(self, quic: NullCryptoQuicConnection) -> None:
+        if self.settings.bbr_seed is not None:
+            quic.congestion.bbr.seed(self.settings.bbr_seed)
 
     # ---- streams we open ------------------------------------------------------------------------
 
@@ -205,6 +212,7 @@ class QuicEndpoint:
             quic = NullCryptoQuicConnection(configuration=make_configuration(
                 is_client=True, idle_timeout_s=self.settings.idle_timeout_s,
                 stream_window=self.settings.stream_window, initial_rtt_s=self.settings.initial_rtt_s))
+            self._seed(quic)
             conn = _Conn(peer, True, quic, (str(peer), int(PacketType.QuicDst)), now, now)
             self._clients[peer] = conn
             quic.connect(conn.addr, now)
