@@ -505,7 +505,7 @@ _GROUPS: tuple[tuple[str, tuple[_Setting, ...]], ...] = (
         _Setting("disable_quic_input", ("--disable-quic-input",), "value",
                  "refuse QUIC-proxied TCP; senders fall back to KCP or plain TCP", parse_bool),
         _Setting("proxy_transport", ("--proxy-transport",), "value",
-                 "carry own TCP over kcp, quic or auto (per node by loss and RTT, and by port)",
+                 "carry own TCP over kcp, quic or auto (by port, loss and RTT)",
                  _choice(PROXY_TRANSPORTS), "MODE"),
         _Setting("use_smoltcp", ("--use-smoltcp",), "value",
                  "user-space TCP stack for the subnet, KCP and QUIC proxies", parse_bool),
